@@ -1,0 +1,150 @@
+"""Sequential editing into a store: the library behind `memserve edit`.
+
+`open_session` loads the base model, opens (or creates) the store, checks they belong together and
+rebuilds the memory from the store. `EditSessionRunner.apply` learns facts one by one and commits each
+edit with the memory state it produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from memserve.store import Store, StoreError, content_hash
+
+from .facts import Fact
+from .hf import EditedModel
+from .methods import EditMemory, memory_class
+from .models import DEFAULT_MODEL_NAME, default_model_dir, down_proj, load_model, model_id, resolve_model, weight_hash
+from .training import capture, edit_batch, generate_prefixes, train_edit
+
+DEFAULT_METHOD = "memoir"
+
+
+def background_prompts() -> list[str]:
+    text = resources.files("memserve").joinpath("data/background_prompts.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def store_model_dir(store: Store) -> Path:
+    recorded = store.manifest["model"]
+    return default_model_dir() if recorded == DEFAULT_MODEL_NAME else Path(recorded)
+
+
+def build_memory(method: str, config_values: dict, base_weight: torch.Tensor) -> EditMemory:
+    cls = memory_class(method)
+    return cls(cls.config_class.from_dict(config_values), base_weight)
+
+
+def load_memory(store: Store, base_weight: torch.Tensor) -> EditMemory:
+    """The memory as of the store's current version."""
+    m = store.manifest
+    memory = build_memory(m["method"], m["config"], base_weight)
+    memory.load_state(store.tensors(), store.keys(base_weight.shape[1]))
+    return memory
+
+
+def background_mean(edited: EditedModel) -> torch.Tensor:
+    """Mean down_proj input over unrelated prompts (MEMOIR decentres its masks with it)."""
+    total, count = None, 0
+    for prompt in background_prompts():
+        ids = torch.tensor([edited.encode(prompt)])
+        a, _ = capture(edited, ids)
+        total = a[0].sum(0) if total is None else total + a[0].sum(0)
+        count += a.shape[1]
+    return total / count
+
+
+@dataclass
+class EditReport:
+    added: int = 0
+    skipped: int = 0
+    seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+class EditSessionRunner:
+    """A base model, its store and the memory rebuilt from it."""
+
+    def __init__(self, store: Store, edited: EditedModel):
+        self.store, self.edited = store, edited
+        self.prefixes: list[str] = store.manifest["prefixes"]
+        self.out_of_scope = background_prompts()
+
+    def apply(self, facts: list[Fact], progress: Callable[[Fact, str], None] | None = None, naive: bool = False) -> EditReport:
+        report = EditReport()
+        for fact in facts:
+            if self.store.find(fact.key) is not None:
+                report.skipped += 1
+                if progress:
+                    progress(fact, "skipped")
+                continue
+            negative = self.out_of_scope[self.store.num_edits % len(self.out_of_scope)]
+            batch = edit_batch(self.edited, fact, self.prefixes, (negative, ""))
+            outcome = train_edit(self.edited, batch, naive=naive)
+            key = outcome.record.pop("key", None)
+            payload = fact.to_dict()
+            record = {
+                "fact_key": fact.key, "fact": payload, "content_hash": content_hash(payload),
+                "loss": outcome.loss, "steps": outcome.steps, "seconds": outcome.seconds, **outcome.record,
+            }
+            self.store.commit_edit(record, key, self.edited.memory.state_tensors())
+            report.added += 1
+            report.seconds.append(outcome.seconds)
+            report.losses.append(outcome.loss)
+            if progress:
+                progress(fact, "added")
+        return report
+
+
+def open_session(
+    store_path: str | Path,
+    model_path: str | Path | None = None,
+    method: str | None = None,
+    config: dict | None = None,
+    create: bool = True,
+) -> EditSessionRunner:
+    """Open `store_path` (creating it when missing and `create`) with its base model."""
+    existing = Store.exists(store_path)
+    if not existing and not create:
+        raise StoreError(f"{store_path}: no store here")
+    store = Store.open(store_path) if existing else None
+    if model_path is None and store is not None:
+        model_path = store_model_dir(store)
+    model_dir = resolve_model(model_path)
+    model, tokenizer = load_model(model_dir)
+    if store is not None:
+        m = store.manifest
+        if method is not None and method != m["method"]:
+            raise StoreError(f"{store_path}: store holds {m['method']} edits, not {method}; use another --store")
+        if config:
+            differing = {k: v for k, v in config.items() if m["config"].get(k) != v}
+            if differing:
+                raise StoreError(f"{store_path}: options are fixed when a store is created; differing: {differing}")
+        base = down_proj(model, m["layer"]).weight
+        store.check_compatible(model_id(model_dir), weight_hash(base))
+        memory = load_memory(store, base)
+        return EditSessionRunner(store, EditedModel(model, tokenizer, memory, m["layer"]))
+
+    method = method or DEFAULT_METHOD
+    cls = memory_class(method)
+    cfg = cls.config_class.from_dict(config or {})
+    base = down_proj(model, cfg.layer).weight
+    memory = cls(cfg, base)
+    edited = EditedModel(model, tokenizer, memory, cfg.layer)
+    memory.calibrate(background_mean(edited))
+    manifest = {
+        "model": model_id(model_dir), "layer": cfg.layer, "method": method, "config": dataclasses.asdict(cfg),
+        "weight_hash": weight_hash(base), "hidden_size": memory.hidden_size,
+        "intermediate_size": memory.intermediate_size, "prefixes": generate_prefixes(edited),
+    }
+    store = Store.create(store_path, manifest, memory.state_tensors())
+    return EditSessionRunner(store, edited)
+
+
+__all__ = ["EditReport", "EditSessionRunner", "background_mean", "build_memory", "load_memory", "open_session"]

@@ -1,0 +1,147 @@
+"""Facts files (JSON Lines): the canonical schema plus ZsRE and WISE/EasyEdit field names.
+
+Canonical: {"prompt": str, "target": str, "rephrases": [str], "locality": [{"prompt": str, "answer": str}]}
+ZsRE:      src -> prompt, alt -> target, rephrase -> rephrases, loc/loc_ans -> locality
+WISE:      prompt, target_new -> target, rephrase_prompt | ood_rephrase -> rephrases,
+           locality_prompt/locality_ground_truth -> locality
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class FactsError(ValueError):
+    """A bad row: the message names the file, the line and the field."""
+
+
+@dataclass(frozen=True)
+class Fact:
+    prompt: str
+    target: str
+    rephrases: tuple[str, ...] = ()
+    locality: tuple[tuple[str, str], ...] = ()
+    line: int = 0
+
+    @property
+    def key(self) -> str:
+        """Identity of an edit: the same prompt and target is the same edit (resumable `edit`)."""
+        payload = json.dumps([self.prompt, self.target], ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "target": self.target,
+            "rephrases": list(self.rephrases),
+            "locality": [{"prompt": p, "answer": a} for p, a in self.locality],
+        }
+
+
+_ALIASES = {
+    "prompt": ("prompt", "src"),
+    "target": ("target", "alt", "target_new"),
+    "rephrases": ("rephrases", "rephrase", "rephrase_prompt", "ood_rephrase"),
+}
+
+
+def _pick(row: dict, name: str):
+    for key in _ALIASES[name]:
+        if key in row:
+            return key, row[key]
+    return _ALIASES[name][0], None
+
+
+def _text(where: str, key: str, value, required: bool) -> str | None:
+    if value is None:
+        if required:
+            raise FactsError(f"{where}: missing field '{key}'")
+        return None
+    if not isinstance(value, str):
+        raise FactsError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise FactsError(f"{where}: field '{key}' is empty")
+    return value.strip()
+
+
+def _texts(where: str, key: str, value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise FactsError(f"{where}: field '{key}' must be a string or a list of strings")
+    return tuple(v.strip() for v in values if v.strip())
+
+
+def _locality(where: str, row: dict) -> tuple[tuple[str, str], ...]:
+    if "locality" in row:
+        items = row["locality"]
+        if not isinstance(items, list):
+            raise FactsError(f"{where}: field 'locality' must be a list of {{prompt, answer}} objects")
+        pairs = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise FactsError(f"{where}: field 'locality[{i}]' must be an object with prompt and answer")
+            prompt = _text(where, f"locality[{i}].prompt", item.get("prompt"), True)
+            answer = _text(where, f"locality[{i}].answer", item.get("answer"), True)
+            pairs.append((prompt, answer))
+        return tuple(pairs)
+    for p_key, a_key in (("loc", "loc_ans"), ("locality_prompt", "locality_ground_truth")):
+        if p_key in row or a_key in row:
+            prompt = _text(where, p_key, row.get(p_key), True)
+            answer = row.get(a_key)
+            if isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer):
+                answer = answer[0]
+            answer = _text(where, a_key, answer, True)
+            return ((prompt, answer),)
+    return ()
+
+
+def parse_row(row, where: str, line: int = 0) -> Fact:
+    if not isinstance(row, dict):
+        raise FactsError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    p_key, prompt = _pick(row, "prompt")
+    t_key, target = _pick(row, "target")
+    r_key, rephrases = _pick(row, "rephrases")
+    return Fact(
+        prompt=_text(where, p_key, prompt, True),
+        target=_text(where, t_key, target, True),
+        rephrases=_texts(where, r_key, rephrases),
+        locality=_locality(where, row),
+        line=line,
+    )
+
+
+def read_facts(path: str | Path, skip_invalid: bool = False) -> tuple[list[Fact], list[str]]:
+    """All facts of a file, or a FactsError at the first bad row (with `skip_invalid`: the bad rows'
+    messages are returned instead). Blank lines are ignored."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FactsError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    facts, problems = [], []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FactsError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise FactsError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+            facts.append(parse_row(row, where, number))
+        except FactsError as exc:
+            if not skip_invalid:
+                raise
+            problems.append(str(exc))
+    if not facts and not problems:
+        raise FactsError(f"{path}: no facts in file")
+    return facts, problems

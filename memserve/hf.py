@@ -1,0 +1,126 @@
+"""The transformers reference path: a memory attached to one down-projection of an HF Llama model.
+
+`EditedModel` is what the trainer, `memserve eval --backend hf` and the parity tests use. Routing is
+decided once per sequence from its prompt tokens (first forward call) and kept for every later decode
+step; the memory acts on the answer span only (see `methods.base`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .methods import NO_ROUTE, EditMemory, mean_prompt_stats
+from .models import down_proj
+
+
+@dataclass
+class RouteState:
+    """Per-batch routing of the reference path; `routes` is filled by the first (prefill) call."""
+
+    prompt_mask: torch.Tensor  # [B, T] bool
+    answer_mask: torch.Tensor  # [B, T] bool
+    routes: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+class MemoryDownProj(nn.Module):
+    """Base down_proj plus the memory's delta on routed answer-span tokens."""
+
+    def __init__(self, base: nn.Module, memory: EditMemory):
+        super().__init__()
+        self.base = base
+        self.memory = memory
+        self.state: RouteState | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        out = self.base(a)
+        state = self.state
+        if state is None:
+            return out
+        batch, length, width = a.shape
+        if state.routes is None:
+            state.routes, state.scores = self.memory.route(mean_prompt_stats(self.memory, a, state.prompt_mask))
+            apply = state.answer_mask
+        else:  # a decode step: every new token belongs to the answer span
+            apply = torch.ones(batch, length, dtype=torch.bool)
+        token_routes = torch.where(apply, state.routes[:, None], NO_ROUTE).reshape(-1)
+        return out + self.memory.delta(a.reshape(-1, width), token_routes).reshape(batch, length, -1)
+
+
+class EditedModel:
+    """An HF causal LM with a memory at `layer`."""
+
+    def __init__(self, model, tokenizer, memory: EditMemory, layer: int):
+        self.model, self.tokenizer, self.memory, self.layer = model, tokenizer, memory, layer
+        base = down_proj(model, layer)
+        self.proj = base if isinstance(base, MemoryDownProj) else MemoryDownProj(base, memory)
+        self.proj.memory = memory
+        model.model.layers[layer].mlp.down_proj = self.proj
+
+    @contextlib.contextmanager
+    def routing(self, prompt_mask: torch.Tensor, answer_mask: torch.Tensor):
+        self.proj.state = RouteState(prompt_mask, answer_mask)
+        try:
+            yield self.proj.state
+        finally:
+            self.proj.state = None
+
+    # --- batching helpers ---------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def pad(self, sequences: list[list[int]], prompt_lens: list[int], left: bool = False):
+        """Pad token lists into (ids, attention, prompt_mask, answer_mask)."""
+        length = max(len(s) for s in sequences)
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+        attention = torch.zeros(len(sequences), length, dtype=torch.bool)
+        prompt_mask = torch.zeros_like(attention)
+        answer_mask = torch.zeros_like(attention)
+        for row, (seq, plen) in enumerate(zip(sequences, prompt_lens)):
+            start = length - len(seq) if left else 0
+            ids[row, start : start + len(seq)] = torch.tensor(seq)
+            attention[row, start : start + len(seq)] = True
+            prompt_mask[row, start : start + plen] = True
+            answer_mask[row, start + plen - 1 : start + len(seq)] = True
+        return ids, attention, prompt_mask, answer_mask
+
+    @torch.no_grad()
+    def logits(self, sequences: list[list[int]], prompt_lens: list[int], use_memory: bool = True):
+        """Teacher-forced logits for right-padded sequences, routed from each row's prompt."""
+        ids, attention, prompt_mask, answer_mask = self.pad(sequences, prompt_lens)
+        if not use_memory:
+            return self.model(input_ids=ids, attention_mask=attention.long()).logits, None
+        with self.routing(prompt_mask, answer_mask) as state:
+            out = self.model(input_ids=ids, attention_mask=attention.long()).logits
+        return out, state.routes
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, use_memory: bool = True):
+        """Greedy continuations (token lists, stopped at EOS) and the route of each prompt."""
+        ids, attention, prompt_mask, answer_mask = self.pad(prompts, [len(p) for p in prompts], left=True)
+        kwargs = dict(
+            input_ids=ids, attention_mask=attention.long(), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        routes = None
+        if use_memory:
+            with self.routing(prompt_mask, answer_mask) as state:
+                out = self.model.generate(**kwargs)
+            routes = state.routes
+        else:
+            out = self.model.generate(**kwargs)
+        results = []
+        for row in out[:, ids.shape[1] :].tolist():
+            if self.tokenizer.eos_token_id in row:
+                row = row[: row.index(self.tokenizer.eos_token_id)]
+            results.append(row)
+        return results, routes

@@ -1,0 +1,142 @@
+"""What every editing method provides: a pure-torch memory on one FFN down-projection.
+
+The same memory object is used by the trainer, by the transformers reference path and by the vLLM
+wrapper, so the routing rule and the memory's arithmetic exist exactly once per method.
+
+A request is routed once, from its prompt, and keeps that route for every token it produces:
+
+1. `token_stats(a)` turns each prompt token's down-projection input `a` into a statistic;
+2. the caller averages those statistics over the prompt (in vLLM: across prefill chunks);
+3. `route(mean_stats)` picks the memory slot for the request, or -1 for "no edit applies";
+4. `delta(a, routes)` is the memory's contribution, added to the base output `W a`.
+
+The memory acts only on the answer span: the last prompt token (which predicts the first answer
+token) and every token after it. Prompt tokens before it always see the base model, so their KV
+cache is the same whatever the route, and a route decided at the end of the prompt is never late.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+NO_ROUTE = -1
+
+
+@dataclass
+class MethodConfig:
+    """Hyper-parameters shared by both methods (the optimiser of one edit)."""
+
+    layer: int = 22
+    lr: float = 1.0
+    steps: int = 30
+    weight_decay: float = 1e-5
+    grad_clip: float | None = 1.0
+    stop_loss: float = 0.02  # early stop once the target loss is this low
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+@dataclass
+class EditExamples:
+    """One edit's training batch, with everything below the memory already computed.
+
+    Rows are right-padded sequences; row 0 is the bare edit (its prompt defines the edit's key);
+    `in_scope[i]` is False for out-of-scope rows. `a` is the down-projection input at the edited
+    layer: it does not depend on the memory.
+    """
+
+    a: torch.Tensor  # [S, T, I]
+    prompt_mask: torch.Tensor  # [S, T] bool: prompt tokens (route statistics come from these)
+    answer_mask: torch.Tensor  # [S, T] bool: where the memory acts (last prompt token onwards)
+    in_scope: torch.Tensor  # [S] bool
+
+
+class EditSession:
+    """Trainable view of the memory while one edit is learned."""
+
+    def parameters(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def delta(self, a: torch.Tensor) -> torch.Tensor:
+        """Memory output for the edit's own tokens ([N, I] -> [N, H]) under training."""
+        raise NotImplementedError
+
+    def aux_loss(self, examples: EditExamples) -> torch.Tensor | None:
+        return None
+
+    def after_step(self) -> None:
+        pass
+
+    def finish(self) -> dict[str, Any]:
+        """Write the learned values into the memory; returns what to record for the edit
+        (a bool tensor under "key" is stored as the edit's routing key)."""
+        raise NotImplementedError
+
+
+class EditMemory(nn.Module):
+    """Base class of a method's memory. Subclasses set `method` and `config_class`."""
+
+    method: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig, base_weight: torch.Tensor):
+        super().__init__()
+        self.config = config
+        self.hidden_size, self.intermediate_size = base_weight.shape
+
+    # --- routing and inference -------------------------------------------------------------
+    @property
+    def num_edits(self) -> int:
+        raise NotImplementedError
+
+    def token_stats(self, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def route(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, D] -> (routes [B] long, NO_ROUTE where nothing applies; scores [B])."""
+        raise NotImplementedError
+
+    def delta(self, a: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def route_label(self, route: int) -> str:
+        """Human-readable name of a route, reported by the server and `eval`."""
+        raise NotImplementedError
+
+    # --- training ---------------------------------------------------------------------------
+    def start_edit(self, examples: EditExamples) -> EditSession:
+        raise NotImplementedError
+
+    # --- persistence ------------------------------------------------------------------------
+    def calibrate(self, background_mean: torch.Tensor) -> None:
+        """Called once when a store is created, with the mean `a` over unrelated prompts."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Dense state to persist after each edit (per-edit keys are stored with the edit)."""
+        raise NotImplementedError
+
+    def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor) -> None:
+        """Restore from `state_tensors()` output and the per-edit keys [edits, I] (may be empty)."""
+        raise NotImplementedError
+
+
+def mean_prompt_stats(memory: EditMemory, a: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Average `token_stats` over each row's prompt tokens: [B, T, I], [B, T] -> [B, D]."""
+    stats = memory.token_stats(a.reshape(-1, a.shape[-1])).reshape(*a.shape[:2], -1)
+    weights = prompt_mask.to(stats.dtype).unsqueeze(-1)
+    return (stats * weights).sum(1) / weights.sum(1).clamp_min(1.0)

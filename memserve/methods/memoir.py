@@ -1,0 +1,130 @@
+"""MEMOIR (arXiv 2506.07899): a zero-initialised residual memory written through sparse input masks.
+
+Layer output: `W a + Wm (mask ⊙ a)`. Each edit owns a TopHash mask (k of the I input features) and
+only the columns of Wm under its mask learn it. A query is routed to the stored edit whose mask
+overlaps its own mask most, if that overlap reaches `tau`; otherwise the memory adds nothing and the
+model is exactly the base model.
+
+This file is the single home of MEMOIR's routing rule (`MemoirMemory.route`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig
+
+
+@dataclass
+class MemoirConfig(MethodConfig):
+    layer: int = 22
+    top_k: int = 440  # active input features per mask (paper: 4096 of 14336 ≈ 28.6%)
+    tau: float = 0.55  # minimum mask overlap for a query to use an edit
+    steps: int = 30
+    grad_clip: float | None = 1.0
+    # Weight decay only touches the edit's own columns (the reference decays all of Wm, slowly
+    # eroding earlier edits).
+    weight_decay: float = 1e-5
+    permutation_seed: int = 1234
+
+
+class MemoirMemory(EditMemory):
+    method = "memoir"
+    config_class = MemoirConfig
+
+    def __init__(self, config: MemoirConfig, base_weight: torch.Tensor):
+        super().__init__(config, base_weight)
+        hidden, inter = self.hidden_size, self.intermediate_size
+        if not 0 < config.top_k <= inter:
+            raise ValueError(f"top_k must be in 1..{inter}, got {config.top_k}")
+        generator = torch.Generator().manual_seed(config.permutation_seed)
+        self.register_buffer("residual", torch.zeros(hidden, inter))
+        self.register_buffer("permutation", torch.randperm(inter, generator=generator))
+        self.register_buffer("background", torch.zeros(inter))
+        self.register_buffer("masks", torch.zeros(0, inter, dtype=torch.bool))
+        self._mask_matrix: torch.Tensor | None = None  # float copy of `masks` for the overlap matmul
+
+    @property
+    def num_edits(self) -> int:
+        return self.masks.shape[0]
+
+    def token_stats(self, a: torch.Tensor) -> torch.Tensor:
+        return a.float()
+
+    def key(self, mean_a: torch.Tensor) -> torch.Tensor:
+        """TopHash: top-k of the decentred prompt mean, moved by the fixed permutation. [B, I] -> bool [B, I]."""
+        feature = (mean_a.float() - self.background).abs()
+        top = feature.topk(self.config.top_k, dim=-1).indices
+        mask = torch.zeros_like(feature, dtype=torch.bool)
+        mask.scatter_(-1, self.permutation[top], True)
+        return mask
+
+    def overlaps(self, query_masks: torch.Tensor) -> torch.Tensor:
+        """|q ∩ m| / k against every stored mask: [B, I] -> [B, N]."""
+        if self._mask_matrix is None or self._mask_matrix.shape[0] != self.num_edits:
+            self._mask_matrix = self.masks.float()
+        return (query_masks.float() @ self._mask_matrix.T) / self.config.top_k
+
+    def route(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = mean_stats.shape[0]
+        if self.num_edits == 0:
+            return torch.full((batch,), NO_ROUTE, dtype=torch.long), torch.zeros(batch)
+        overlap = self.overlaps(self.key(mean_stats))
+        # On ties the newest edit wins (a re-edit of the same prompt replaces the old answer).
+        best_score, best_from_end = overlap.flip(-1).max(dim=-1)
+        best = self.num_edits - 1 - best_from_end
+        routes = torch.where(best_score >= self.config.tau, best, torch.full_like(best, NO_ROUTE))
+        return routes, best_score
+
+    def delta(self, a: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+        out = a.new_zeros(a.shape[0], self.hidden_size)
+        rows = (routes >= 0).nonzero().squeeze(1)
+        if rows.numel():
+            masked = a[rows].to(self.residual.dtype) * self.masks[routes[rows]]
+            out[rows] = (masked @ self.residual.T).to(a.dtype)
+        return out
+
+    def route_label(self, route: int) -> str:
+        return "none" if route < 0 else f"edit-{route}"
+
+    def start_edit(self, examples: EditExamples) -> EditSession:
+        return MemoirSession(self, examples)
+
+    def calibrate(self, background_mean: torch.Tensor) -> None:
+        self.background = background_mean.float().clone()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"residual": self.residual, "permutation": self.permutation, "background": self.background}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor) -> None:
+        for name in ("residual", "permutation", "background"):
+            setattr(self, name, tensors[name].clone())
+        self.masks = keys.clone()
+        self._mask_matrix = None
+
+
+class MemoirSession(EditSession):
+    """Trains only the k columns of Wm under the new edit's mask, as one [H, k] parameter."""
+
+    def __init__(self, memory: MemoirMemory, examples: EditExamples):
+        self.memory = memory
+        bare_prompt = examples.prompt_mask[0]
+        self.mask = memory.key(examples.a[0][bare_prompt].float().mean(0, keepdim=True))[0]
+        self.columns = self.mask.nonzero().squeeze(1)
+        self.weight = memory.residual[:, self.columns].clone().requires_grad_(True)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def delta(self, a: torch.Tensor) -> torch.Tensor:
+        return a[:, self.columns].to(self.weight.dtype) @ self.weight.T
+
+    def finish(self) -> dict[str, Any]:
+        memory = self.memory
+        memory.residual[:, self.columns] = self.weight.detach()
+        memory.masks = torch.cat([memory.masks, self.mask[None]])
+        memory._mask_matrix = None
+        return {"key": self.mask}

@@ -1,0 +1,211 @@
+"""WISE (arXiv 2405.14768): side copies of the FFN value matrix, gated by an activation score.
+
+A side memory W' starts as a copy of the base down-projection W. A query's score for a memory is the
+mean over its prompt tokens of `||W' a - W a||` (the paper's form, without the reference code's extra
+activation). A memory is eligible when the score reaches its threshold eps; among eligible memories
+the highest score wins (WISE-Retrieve); with none eligible the base output is used unchanged.
+
+Each edit trains W' with the target loss plus a routing hinge loss (margins alpha, beta, gamma) that
+pushes in-scope scores up and out-of-scope scores down, with gradients confined to a random mask per
+shard. Every `save_freq` edits W' becomes a shard and restarts from W; every `merge_freq` edits the
+pending shards are TIES-merged into one memory (kept beside earlier ones with `retrieve`, folded into a
+single memory without it).
+
+This file is the single home of WISE's routing rule (`WiseMemory.route`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig
+
+
+@dataclass
+class WiseConfig(MethodConfig):
+    layer: int = 22
+    steps: int = 70
+    grad_clip: float | None = None
+    mask_ratio: float = 0.2  # rho: share of W' entries one shard may change
+    act_ratio: float = 0.88  # eps = act_ratio * (lowest in-scope score seen by the memory)
+    alpha: float = 5.0  # out-of-scope scores pushed below alpha
+    beta: float = 20.0  # in-scope scores pushed above beta
+    gamma: float = 10.0  # in-scope must beat out-of-scope by gamma
+    clamp: float = 1.0  # W' stays within W ± clamp, elementwise
+    save_freq: int = 500
+    merge_freq: int = 1000
+    merge_density: float = 0.53  # TIES: share of each task vector kept
+    retrieve: bool = True
+
+
+def ties_merge(task_vectors: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES-merging of [S, ...] task vectors: trim to the top `density` by magnitude, elect a sign per
+    entry by summed value, average the entries that agree with it (equal weights)."""
+    flat = task_vectors.reshape(task_vectors.shape[0], -1)
+    keep = max(1, int(round(flat.shape[1] * density)))
+    threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
+    trimmed = torch.where(flat.abs() >= threshold, flat, torch.zeros_like(flat))
+    sign = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+    return merged.reshape(task_vectors.shape[1:])
+
+
+class WiseMemory(EditMemory):
+    method = "wise"
+    config_class = WiseConfig
+
+    def __init__(self, config: WiseConfig, base_weight: torch.Tensor):
+        super().__init__(config, base_weight)
+        hidden, inter = self.hidden_size, self.intermediate_size
+        self.register_buffer("base_weight", base_weight.detach().float().clone(), persistent=False)
+        self.register_buffer("side", self.base_weight.clone())
+        self.register_buffer("side_min_score", torch.tensor(float("inf")))
+        # Finished memories (pending shards and merged memories) with their thresholds.
+        self.register_buffer("memories", torch.zeros(0, hidden, inter))
+        self.register_buffer("memory_eps", torch.zeros(0))
+        self.register_buffer("memory_is_shard", torch.zeros(0, dtype=torch.bool))
+        # [edits in total, edits in the current side memory, shards started so far]
+        self.register_buffer("counters", torch.zeros(3, dtype=torch.long))
+
+    # --- bookkeeping ----------------------------------------------------------------------
+    @property
+    def num_edits(self) -> int:
+        return int(self.counters[0])
+
+    @property
+    def side_edits(self) -> int:
+        return int(self.counters[1])
+
+    def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memories a query can be routed to, as task vectors [M, H, I] and thresholds [M]."""
+        weights, eps = self.memories, self.memory_eps
+        if self.side_edits:
+            weights = torch.cat([weights, self.side[None]])
+            eps = torch.cat([eps, (self.side_min_score * self.config.act_ratio)[None]])
+        return weights - self.base_weight, eps
+
+    def gradient_mask(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + int(self.counters[2]))
+        return torch.rand(self.side.shape, generator=generator) < self.config.mask_ratio
+
+    # --- routing and inference --------------------------------------------------------------
+    def token_stats(self, a: torch.Tensor) -> torch.Tensor:
+        deltas, _ = self._candidates()
+        if deltas.shape[0] == 0:
+            return a.new_zeros(a.shape[0], 0, dtype=torch.float32)
+        return torch.einsum("ni,mhi->nmh", a.float(), deltas).norm(dim=-1)
+
+    def route(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, eps = self._candidates()
+        batch = mean_stats.shape[0]
+        if eps.numel() == 0:
+            return torch.full((batch,), NO_ROUTE, dtype=torch.long), torch.zeros(batch)
+        eligible = mean_stats >= eps
+        _, best = torch.where(eligible, mean_stats, torch.full_like(mean_stats, -1.0)).max(dim=-1)
+        routes = torch.where(eligible.any(-1), best, torch.full_like(best, NO_ROUTE))
+        return routes, mean_stats.max(dim=-1).values
+
+    def delta(self, a: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+        out = a.new_zeros(a.shape[0], self.hidden_size)
+        deltas, _ = self._candidates()
+        for route in routes[routes >= 0].unique().tolist():
+            rows = (routes == route).nonzero().squeeze(1)
+            out[rows] = (a[rows].float() @ deltas[route].T).to(a.dtype)
+        return out
+
+    def route_label(self, route: int) -> str:
+        if route < 0:
+            return "none"
+        return "side" if route == self.memories.shape[0] else f"memory-{route}"
+
+    # --- training ---------------------------------------------------------------------------
+    def start_edit(self, examples: EditExamples) -> EditSession:
+        return WiseSession(self, examples)
+
+    def scores(self, side: torch.Tensor, a: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Per-row mean over prompt tokens of ||(W' - W) a||, differentiable in W'."""
+        per_token = (a.float() @ (side - self.base_weight).T).norm(dim=-1)  # [S, T]
+        weights = prompt_mask.float()
+        return (per_token * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def _close_side(self) -> None:
+        """Turn the current side memory into a shard and start a fresh one."""
+        eps = self.side_min_score * self.config.act_ratio
+        self.memories = torch.cat([self.memories, self.side[None].clone()])
+        self.memory_eps = torch.cat([self.memory_eps, eps[None]])
+        self.memory_is_shard = torch.cat([self.memory_is_shard, torch.tensor([True])])
+        self.side = self.base_weight.clone()
+        self.side_min_score = torch.tensor(float("inf"))
+        self.counters[1] = 0
+        self.counters[2] += 1
+
+    def _merge_shards(self) -> None:
+        cfg = self.config
+        if not cfg.retrieve:  # WISE-Merge: everything folds into a single memory
+            self.memory_is_shard[:] = True
+        shards = self.memory_is_shard
+        if int(shards.sum()) == 0:
+            return
+        vectors = self.memories[shards] - self.base_weight
+        merged = self.base_weight + (ties_merge(vectors, cfg.merge_density) if vectors.shape[0] > 1 else vectors[0])
+        eps = self.memory_eps[shards].min()
+        self.memories = torch.cat([self.memories[~shards], merged[None]])
+        self.memory_eps = torch.cat([self.memory_eps[~shards], eps[None]])
+        self.memory_is_shard = torch.cat([self.memory_is_shard[~shards], torch.tensor([False])])
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        names = ("side", "side_min_score", "memories", "memory_eps", "memory_is_shard", "counters")
+        return {name: getattr(self, name) for name in names}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor) -> None:
+        for name, value in tensors.items():
+            setattr(self, name, value.clone())
+
+
+class WiseSession(EditSession):
+    def __init__(self, memory: WiseMemory, examples: EditExamples):
+        self.memory = memory
+        self.examples = examples
+        self.side = memory.side.clone().requires_grad_(True)
+        grad_mask = memory.gradient_mask().float()
+        self.side.register_hook(lambda grad: grad * grad_mask)
+        self.low = memory.base_weight - memory.config.clamp
+        self.high = memory.base_weight + memory.config.clamp
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.side]
+
+    def delta(self, a: torch.Tensor) -> torch.Tensor:
+        return a.float() @ (self.side - self.memory.base_weight).T
+
+    def aux_loss(self, examples: EditExamples) -> torch.Tensor:
+        cfg = self.memory.config
+        scores = self.memory.scores(self.side, examples.a, examples.prompt_mask)
+        s_in, s_out = scores[examples.in_scope], scores[~examples.in_scope]
+        loss = F.relu(cfg.beta - s_in).mean()
+        if s_out.numel():
+            loss = loss + F.relu(s_out - cfg.alpha).mean() + F.relu(s_out[:, None] - s_in[None, :] + cfg.gamma).mean()
+        return loss
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            self.side.copy_(torch.maximum(torch.minimum(self.side, self.high), self.low))
+
+    def finish(self) -> dict[str, Any]:
+        memory, cfg = self.memory, self.memory.config
+        side = self.side.detach()
+        score = memory.scores(side, self.examples.a[:1], self.examples.prompt_mask[:1])[0]
+        memory.side = side.clone()
+        memory.side_min_score = torch.minimum(memory.side_min_score, score)
+        memory.counters[0] += 1
+        memory.counters[1] += 1
+        if cfg.save_freq and memory.side_edits >= cfg.save_freq:
+            memory._close_side()
+        if cfg.merge_freq and memory.num_edits % cfg.merge_freq == 0:
+            memory._merge_shards()
+        return {"score": float(score)}

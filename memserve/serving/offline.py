@@ -1,0 +1,133 @@
+"""Offline inference through `vllm.LLM` with the memserve plugin: the backend of `eval --backend vllm`.
+
+    from memserve.serving.offline import VllmEditedModel
+    model = VllmEditedModel("./memstore")                 # fp32, eager: the reference-faithful mode
+    tokens, routes = model.generate([[...prompt ids...]], max_new_tokens=16)
+    argmax, routes = model.teacher_forced([[...prompt + target ids...]], prompt_lens=[n])
+
+Routes are per request: -1 = no edit applied, otherwise the memory slot (see `route_labels`).
+Set `VLLM_ENABLE_V1_MULTIPROCESSING=0` for a fast in-process engine (tests do).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .plugin import hf_overrides, open_store_manifest, register
+from .runtime import PROMPT_LEN_ARG
+
+DEFAULT_KVCACHE_GIB = "1"
+
+
+def resolve_store_model(store: str | os.PathLike | None, model: str | os.PathLike | None) -> tuple[Path, bool]:
+    """(model dir, store has edits). The model is the store's own when not given."""
+    from memserve.editor import store_model_dir
+    from memserve.models import resolve_model
+
+    store_obj, _ = open_store_manifest(str(store) if store else None)
+    if store_obj is None:
+        return resolve_model(model), False
+    try:
+        model_dir = resolve_model(model if model is not None else store_model_dir(store_obj))
+        return model_dir, store_obj.num_edits > 0
+    finally:
+        store_obj.close()
+
+
+def engine_kwargs(
+    store: str | os.PathLike | None,
+    model: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    enforce_eager: bool | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """`vllm.LLM(**kwargs)` for serving `store`; prefix caching is off when the store has edits."""
+    model_dir, has_edits = resolve_store_model(store, model)
+    if enforce_eager is None:
+        # fp32 eager matches the transformers reference; bf16 eager is wrong on this CPU backend (see
+        # docs/VLLM_CPU_NOTES.md) so bf16 goes compiled.
+        enforce_eager = dtype in ("float32", "fp32", "float")
+    kwargs: dict[str, Any] = dict(
+        model=str(model_dir),
+        hf_overrides=hf_overrides(store),
+        dtype=dtype,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=not has_edits,
+        max_model_len=2048,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+class VllmEditedModel:
+    """A `vllm.LLM` serving a store; greedy generation and teacher-forced argmax with routes."""
+
+    def __init__(self, store: str | os.PathLike | None, model: str | os.PathLike | None = None, **kwargs: Any):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_GIB)
+        register()
+        from vllm import LLM
+
+        self.store = store
+        self.kwargs = engine_kwargs(store, model, **kwargs)
+        self.llm = LLM(**self.kwargs)
+
+    # --- routes ---------------------------------------------------------------------------------
+    def routes(self, request_ids: list[str]) -> list[int]:
+        """Route taken by each (finished) request: -1 when no edit applied or the store is empty."""
+
+        def lookup(model, ids=tuple(request_ids)):
+            runtime = getattr(model, "memserve_runtime", None)
+            if runtime is None:
+                return [-1] * len(ids)
+            out = []
+            for rid in ids:
+                info = runtime.route_info(rid)
+                out.append(-1 if info is None else info.route)
+            return out
+
+        return self.llm.apply_model(lookup)[0]
+
+    def route_labels(self, routes: list[int]) -> list[str]:
+        def labels(model, values=tuple(routes)):
+            runtime = getattr(model, "memserve_runtime", None)
+            if runtime is None:
+                return ["none"] * len(values)
+            return [runtime.memory.route_label(r) for r in values]
+
+        return self.llm.apply_model(labels)[0]
+
+    # --- inference ------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
+        """Greedy continuations (stopped at EOS, which is not included) and the route of each prompt."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        eos = self.llm.get_tokenizer().eos_token_id
+        tokens = [t[: t.index(eos)] if eos in t else t for t in tokens]
+        return tokens, self.routes([o.request_id for o in outputs])
+
+    def teacher_forced(self, sequences: list[list[int]], prompt_lens: list[int]) -> tuple[list[list[int]], list[int]]:
+        """Argmax next token at every position but the last (`len(seq) - 1` per row), routed from each
+        row's first `prompt_lens[i]` tokens, the memory acting from the last prompt token on."""
+        from vllm import SamplingParams
+
+        prompts, params = [], []
+        for seq, plen in zip(sequences, prompt_lens):
+            if not 0 < plen <= len(seq):
+                raise ValueError(f"prompt length {plen} outside 1..{len(seq)}")
+            prompts.append({"prompt_token_ids": list(seq)})
+            params.append(SamplingParams(
+                temperature=0.0, max_tokens=1, prompt_logprobs=1, extra_args={PROMPT_LEN_ARG: int(plen)},
+            ))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        argmax = []
+        for o in outputs:
+            row = []
+            for entry in o.prompt_logprobs[1:]:  # entry j predicts token j from tokens < j
+                row.append(next(tok for tok, lp in entry.items() if lp.rank == 1))
+            argmax.append(row)
+        return argmax, self.routes([o.request_id for o in outputs])

@@ -1,0 +1,270 @@
+"""vLLM plugin: a Llama model whose edited down-projection calls a memserve memory.
+
+`register()` (entry point `vllm.general_plugins`, runs in every vLLM process) registers the
+architecture `MemserveLlamaForCausalLM`; select it with
+`hf_overrides={"architectures": ["MemserveLlamaForCausalLM"], "memserve_store": "/path/to/store"}`
+(the store may also come from the environment variable `MEMSERVE_STORE`).
+
+After the base weights are loaded the model rebuilds the memory from the store with
+`memserve.editor.load_memory` (the same memory object and routing code as the transformers reference
+path) and wraps `model.layers[L].mlp.down_proj` (L from the store manifest). The wrapper adds the
+memory's contribution through the custom op `memserve::memory_apply`, which is opaque to
+torch.compile, so routing stays dynamic in compiled mode.
+
+Per-request information (request ids, prompt lengths, token offsets, positions) comes from the V1
+model runner: `install_runner_hooks()` wraps `GPUModelRunner._model_forward` to hand the current batch
+to the model's `MemoryRuntime` for the duration of the forward, and `_on_request_state_removed` (the
+runner's hook for request-scoped side caches) to free a request's routing state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .runtime import PROMPT_LEN_ARG, BatchPlan, MemoryRuntime
+
+logger = logging.getLogger("memserve.serving")
+
+ARCH = "MemserveLlamaForCausalLM"
+STORE_ENV = "MEMSERVE_STORE"
+STORE_CONFIG_KEY = "memserve_store"
+
+_RUNTIMES: dict[int, MemoryRuntime] = {}
+_registered = False
+_hooks_installed = False
+
+
+class StoreWeightMismatch(RuntimeError):
+    pass
+
+
+# --- the custom op -------------------------------------------------------------------------------
+@torch.library.custom_op("memserve::memory_apply", mutates_args=())
+def memory_apply(out: torch.Tensor, a: torch.Tensor, key: int) -> torch.Tensor:
+    result = _RUNTIMES[key].apply(out, a)
+    return result.clone() if result is out else result
+
+
+@memory_apply.register_fake
+def _memory_apply_fake(out: torch.Tensor, a: torch.Tensor, key: int) -> torch.Tensor:
+    return torch.empty_like(out)
+
+
+class MemoryDownProjection(nn.Module):
+    """vLLM down_proj (RowParallelLinear, returns (out, bias)) plus the memory on routed tokens."""
+
+    requires_unquantized_input = True  # keep vLLM from fusing an activation quant into our input
+
+    def __init__(self, base: nn.Module, runtime: MemoryRuntime, key: int):
+        super().__init__()
+        self.base = base
+        self.runtime = runtime  # not an nn.Module: holds no parameters vLLM would try to load
+        self.key = key
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x):
+        out, bias = self.base(x)
+        if torch.compiler.is_compiling():
+            out = torch.ops.memserve.memory_apply(out, x, self.key)
+        else:
+            out = self.runtime.apply(out, x)
+        return out, bias
+
+
+# --- store loading ---------------------------------------------------------------------------------
+def store_path_from(hf_config) -> str | None:
+    path = getattr(hf_config, STORE_CONFIG_KEY, None) or os.environ.get(STORE_ENV)
+    return str(path) if path else None
+
+
+def open_store_manifest(path: str | None):
+    """(store, manifest) or (None, None) when there is no store at `path`."""
+    if not path:
+        return None, None
+    from memserve.store import Store
+
+    if not Store.exists(path):
+        return None, None
+    store = Store.open(path, readonly=True)
+    return store, store.manifest
+
+
+def down_proj_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.down_proj.weight"
+
+
+def _memserve_model_class():
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+
+    class MemserveLlamaForCausalLM(LlamaForCausalLM):
+        """LlamaForCausalLM with a memserve memory on one down-projection (see module doc)."""
+
+        def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+            self.memserve_runtime: MemoryRuntime | None = None
+            self._memserve_store = store_path_from(vllm_config.model_config.hf_config)
+            self._memserve_prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
+
+        def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+            store, manifest = open_store_manifest(self._memserve_store)
+            if store is None:
+                logger.info("memserve: no store at %s; serving the base model unchanged", self._memserve_store)
+                return super().load_weights(weights)
+            layer = int(manifest["layer"])
+            target = down_proj_name(layer)
+            captured: dict[str, torch.Tensor] = {}
+
+            def watch(items):
+                for name, tensor in items:
+                    if name == target:
+                        captured["w"] = tensor.detach().to("cpu", torch.float32).clone()
+                    yield name, tensor
+
+            loaded = super().load_weights(watch(weights))
+            try:
+                self._attach(store, manifest, layer, captured.get("w"))
+            finally:
+                store.close()
+            return loaded
+
+        def _attach(self, store, manifest, layer: int, checkpoint_weight: torch.Tensor | None) -> None:
+            from memserve.editor import load_memory
+            from memserve.models import weight_hash
+
+            mlp = self.model.layers[layer].mlp
+            if checkpoint_weight is None:  # e.g. a loader that renamed the tensor: use what was loaded
+                checkpoint_weight = mlp.down_proj.weight.detach().to(torch.float32).clone()
+            digest = weight_hash(checkpoint_weight)
+            if digest != manifest["weight_hash"]:
+                raise StoreWeightMismatch(
+                    f"memserve: store {store.path} was built for model {manifest['model']} (layer {layer} "
+                    f"weights {manifest['weight_hash'][:12]}), but the loaded weights hash to {digest[:12]}; "
+                    "serve it with the model it was edited on"
+                )
+            if store.num_edits == 0:
+                logger.info("memserve: store %s holds no edits; serving the base model unchanged", store.path)
+                return
+            if self._memserve_prefix_caching:
+                raise RuntimeError(
+                    "memserve: prefix caching must be off when serving edits (a cached prefix skips the "
+                    "prompt statistics routing needs, and cached blocks of generated tokens depend on the "
+                    "route); pass --no-enable-prefix-caching / enable_prefix_caching=False"
+                )
+            memory = load_memory(store, checkpoint_weight)
+            memory.eval()
+            runtime = MemoryRuntime(memory)
+            key = id(runtime)
+            _RUNTIMES[key] = runtime
+            mlp.down_proj = MemoryDownProjection(mlp.down_proj, runtime, key)
+            self.memserve_runtime = runtime
+            install_runner_hooks()
+            logger.info(
+                "memserve: %s memory with %d edits on layer %d from %s", manifest["method"], memory.num_edits,
+                layer, store.path,
+            )
+
+    MemserveLlamaForCausalLM.__name__ = MemserveLlamaForCausalLM.__qualname__ = ARCH
+    return MemserveLlamaForCausalLM
+
+
+def __getattr__(name: str):
+    # Lazy: vLLM's registry imports "memserve.serving.plugin:MemserveLlamaForCausalLM" only in
+    # processes that build the model, so the plugin itself stays cheap to import.
+    if name == ARCH:
+        cls = _memserve_model_class()
+        globals()[ARCH] = cls
+        return cls
+    raise AttributeError(name)
+
+
+# --- runner hooks ------------------------------------------------------------------------------------
+def _runtime_of(runner) -> MemoryRuntime | None:
+    return getattr(getattr(runner, "model", None), "memserve_runtime", None)
+
+
+def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
+    batch = runner.input_batch
+    n = batch.num_reqs
+    req_ids = list(batch.req_ids[:n])
+    starts = np.array(runner.query_start_loc.np[: n + 1], dtype=np.int64)
+    first_pos = positions[torch.from_numpy(starts[:-1])].cpu().numpy() if n else np.zeros(0, np.int64)
+    prompt_lens = np.zeros(n, dtype=np.int64)
+    for i, rid in enumerate(req_ids):
+        state = runner.requests[rid]
+        params = state.sampling_params
+        extra = (params.extra_args or {}) if params is not None else {}
+        prompt_lens[i] = int(extra.get(PROMPT_LEN_ARG) or state.num_prompt_tokens)
+    return BatchPlan(req_ids, starts, first_pos, prompt_lens)
+
+
+def install_runner_hooks() -> None:
+    """Wrap the V1 runner's `_model_forward` and `_on_request_state_removed` (idempotent)."""
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original_forward = GPUModelRunner._model_forward
+    original_removed = GPUModelRunner._on_request_state_removed
+
+    def _model_forward(self, *args, **kwargs):
+        runtime = _runtime_of(self)
+        if runtime is None:
+            return original_forward(self, *args, **kwargs)
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        runtime.prune(self.requests)
+        runtime.begin_step(batch_plan(self, positions))
+        try:
+            return original_forward(self, *args, **kwargs)
+        finally:
+            runtime.end_step()
+
+    def _on_request_state_removed(self, req_id, req_state):
+        runtime = _runtime_of(self)
+        if runtime is not None:
+            runtime.free(req_id)
+        return original_removed(self, req_id, req_state)
+
+    GPUModelRunner._model_forward = _model_forward
+    GPUModelRunner._on_request_state_removed = _on_request_state_removed
+    _hooks_installed = True
+
+
+def get_runtime(model) -> MemoryRuntime | None:
+    return getattr(model, "memserve_runtime", None)
+
+
+# --- plugin entry point ---------------------------------------------------------------------------------
+def register() -> None:
+    """vLLM general plugin: make the memserve architecture known (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    if ARCH not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCH, f"{__name__}:{ARCH}")
+    _registered = True
+
+
+def hf_overrides(store: str | os.PathLike | None) -> dict:
+    """`hf_overrides` selecting the memserve model for `store` (None: base model through the same class)."""
+    overrides: dict = {"architectures": [ARCH]}
+    if store is not None:
+        overrides[STORE_CONFIG_KEY] = str(Path(store).resolve())
+    return overrides
+
+
+def hf_overrides_json(store) -> str:
+    return json.dumps(hf_overrides(store))

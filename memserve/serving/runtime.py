@@ -1,0 +1,203 @@
+"""Per-request routing of a memory inside vLLM's flat token batch (no vLLM imports here).
+
+vLLM runs one forward over a flat batch: every scheduled request contributes a contiguous run of
+tokens (a whole prompt, a prefill chunk, or one decode token), described by `BatchPlan`. The memory
+API (`methods.base`) routes a request once, from the mean of `token_stats` over its prompt tokens, and
+applies the routed memory to the answer span only (the last prompt token and everything after it).
+
+`MemoryRuntime` keeps, per live request id, a `RequestRoute`:
+- while the route is unknown: the running sum and count of `token_stats` over the prompt positions
+  seen so far, and `next_pos`, the first prompt position not yet counted. A prefill chunk adds its
+  prompt positions >= `next_pos` (so a chunk recomputed after preemption is not counted twice);
+- when a chunk reaches the last prompt position, `memory.route` is called on the mean (all requests
+  that complete their prompt in this step are routed in one call) and the route is fixed for the rest
+  of the request: recomputation after preemption reuses it, so a request never changes route.
+Only then does the answer span of that request receive `memory.delta`. Prompt tokens before the last
+one always get the base output, so prompt KV never depends on the route.
+
+States are dropped when the runner removes a request (`free`) or no longer knows it (`prune`); the
+decided route moves to a bounded `recent` table so a caller can ask afterwards which edit served a
+request (`route_info`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Container, Sequence
+
+import numpy as np
+import torch
+
+from memserve.methods import NO_ROUTE, EditMemory
+
+logger = logging.getLogger("memserve.serving")
+
+# Extra per-request argument (SamplingParams.extra_args) giving the number of leading prompt tokens
+# that form the routing prompt; the rest of the vLLM prompt is then treated as answer span
+# (teacher forcing: prompt + target submitted as one prompt).
+PROMPT_LEN_ARG = "memserve_prompt_len"
+
+
+@dataclass
+class BatchPlan:
+    """The requests of one forward, in flat-batch order."""
+
+    req_ids: Sequence[str]
+    starts: np.ndarray  # [R + 1] token offsets (query_start_loc)
+    first_pos: np.ndarray  # [R] sequence position of each request's first scheduled token
+    prompt_lens: np.ndarray  # [R] routing prompt length of each request
+
+
+@dataclass
+class RequestRoute:
+    stats_sum: torch.Tensor | None = None
+    count: int = 0
+    next_pos: int = 0
+    route: int | None = None  # None until the last prompt token was processed
+    score: float = 0.0
+    complete: bool = True  # False if some prompt positions were never computed (cannot route exactly)
+    prompt_len: int = 0
+
+
+@dataclass
+class RouteInfo:
+    route: int
+    label: str
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"route": self.route, "edit": self.label, "score": self.score}
+
+
+def external_id(req_id: str) -> str:
+    """vLLM v1 appends '-' + 8 random characters to the caller's request id."""
+    head, sep, tail = req_id.rpartition("-")
+    return head if sep and len(tail) == 8 else req_id
+
+
+class MemoryRuntime:
+    """Routing state of one memory attached to one model instance."""
+
+    def __init__(self, memory: EditMemory, max_recent: int = 65536):
+        self.memory = memory
+        self.states: dict[str, RequestRoute] = {}
+        self.recent: OrderedDict[str, RouteInfo] = OrderedDict()
+        self.max_recent = max_recent
+        self.plan: BatchPlan | None = None
+        self._warned_gap = False
+        self.steps = 0  # forwards that went through `apply` with a plan (for tests / diagnostics)
+
+    @property
+    def active(self) -> bool:
+        return self.memory.num_edits > 0
+
+    # --- lifecycle, driven by the model runner ----------------------------------------------------
+    def begin_step(self, plan: BatchPlan | None) -> None:
+        self.plan = plan
+
+    def end_step(self) -> None:
+        self.plan = None
+
+    def free(self, req_id: str) -> None:
+        state = self.states.pop(req_id, None)
+        if state is not None and state.route is not None:
+            self._remember(req_id, state)
+
+    def prune(self, live: Container[str]) -> None:
+        for req_id in [r for r in self.states if r not in live]:
+            self.free(req_id)
+
+    def _remember(self, req_id: str, state: RequestRoute) -> None:
+        info = RouteInfo(state.route, self.memory.route_label(state.route), state.score)
+        for key in {req_id, external_id(req_id)}:
+            self.recent[key] = info
+            self.recent.move_to_end(key)
+        while len(self.recent) > self.max_recent:
+            self.recent.popitem(last=False)
+
+    def route_info(self, req_id: str) -> RouteInfo | None:
+        """Route of a live or recently finished request (internal or caller-supplied id)."""
+        for rid, state in self.states.items():
+            if state.route is not None and (rid == req_id or external_id(rid) == req_id):
+                return RouteInfo(state.route, self.memory.route_label(state.route), state.score)
+        return self.recent.get(req_id)
+
+    # --- the forward ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """`out` = base down_proj output [N, H] for the flat batch whose inputs are `a` [N, I]."""
+        plan = self.plan
+        if plan is None or not self.active:
+            return out
+        self.steps += 1
+        memory = self.memory
+        num_reqs = len(plan.req_ids)
+        starts = plan.starts
+        states: list[RequestRoute] = []
+        stat_rows: list[torch.Tensor] = []
+        stat_seg: list[torch.Tensor] = []
+        deciders: list[int] = []
+        for i in range(num_reqs):
+            rid = plan.req_ids[i]
+            state = self.states.get(rid)
+            if state is None:
+                state = self.states[rid] = RequestRoute(prompt_len=int(plan.prompt_lens[i]))
+            states.append(state)
+            if state.route is not None:
+                continue
+            s, e = int(starts[i]), int(starts[i + 1])
+            p0, plen = int(plan.first_pos[i]), state.prompt_len
+            end_pos = p0 + (e - s)
+            lo, hi = max(p0, state.next_pos), min(end_pos, plen)
+            if lo > state.next_pos:
+                state.complete = False
+            if hi > lo:
+                stat_rows.append(torch.arange(s + lo - p0, s + hi - p0))
+                stat_seg.append(torch.full((hi - lo,), i, dtype=torch.long))
+                state.next_pos = hi
+            if end_pos >= plen:
+                deciders.append(i)
+
+        if stat_rows:
+            rows = torch.cat(stat_rows)
+            seg = torch.cat(stat_seg)
+            stats = memory.token_stats(a[rows])
+            sums = stats.new_zeros(num_reqs, stats.shape[1]).index_add_(0, seg, stats)
+            counts = torch.bincount(seg, minlength=num_reqs).tolist()
+            for i in set(seg.tolist()):
+                state = states[i]
+                state.stats_sum = sums[i].clone() if state.stats_sum is None else state.stats_sum + sums[i]
+                state.count += counts[i]
+
+        if deciders:
+            routable = [i for i in deciders if states[i].complete and states[i].count > 0]
+            for i in deciders:
+                if i not in routable:
+                    states[i].route, states[i].score = NO_ROUTE, 0.0
+                    if not self._warned_gap:
+                        self._warned_gap = True
+                        logger.warning(
+                            "memserve: request %s skipped prompt tokens (prefix cache hit?); it is served "
+                            "without edits. Disable prefix caching when serving edits.", plan.req_ids[i])
+            if routable:
+                means = torch.stack([states[i].stats_sum / states[i].count for i in routable])
+                routes, scores = memory.route(means)
+                for i, route, score in zip(routable, routes.tolist(), scores.tolist()):
+                    states[i].route, states[i].score = int(route), float(score)
+                    states[i].stats_sum = None  # no longer needed
+
+        token_routes = torch.full((a.shape[0],), NO_ROUTE, dtype=torch.long)
+        any_route = False
+        for i, state in enumerate(states):
+            if state.route is None or state.route < 0:
+                continue
+            s, e = int(starts[i]), int(starts[i + 1])
+            first = s + max(0, state.prompt_len - 1 - int(plan.first_pos[i]))
+            if first < e:
+                token_routes[first:e] = state.route
+                any_route = True
+        if not any_route:
+            return out
+        return out + memory.delta(a, token_routes).to(out.dtype)

@@ -1,0 +1,163 @@
+"""The vLLM routing state without vLLM: flat batches, chunked prefill, preemption, freeing.
+
+A small random MEMOIR memory; each check compares `MemoryRuntime.apply` over a schedule of flat
+batches with the reference rule (route from the mean over all prompt tokens, memory on the answer
+span) computed per request in one piece, as `memserve.hf.MemoryDownProj` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memserve.methods import NO_ROUTE, MemoirConfig, MemoirMemory, WiseConfig, WiseMemory, mean_prompt_stats
+from memserve.serving.runtime import BatchPlan, MemoryRuntime, external_id
+
+H, I = 8, 64
+
+
+def make_memoir(num_edits: int = 3, seed: int = 0) -> tuple[MemoirMemory, list[torch.Tensor]]:
+    """A memory whose edits are keyed on the prompts of `num_edits` random request activations."""
+    g = torch.Generator().manual_seed(seed)
+    memory = MemoirMemory(MemoirConfig(top_k=16, tau=0.6), torch.randn(H, I, generator=g))
+    memory.calibrate(torch.zeros(I))
+    prompts = [torch.randn(5 + 3 * i, I, generator=g) for i in range(num_edits)]
+    keys = torch.cat([memory.key(p.mean(0, keepdim=True)) for p in prompts])
+    memory.load_state(
+        {"residual": torch.randn(H, I, generator=g), "permutation": memory.permutation, "background": torch.zeros(I)},
+        keys,
+    )
+    return memory, prompts
+
+
+def reference(memory, seq: torch.Tensor, plen: int) -> tuple[torch.Tensor, int]:
+    """Delta over a whole sequence [T, I] routed from its first plen tokens (the hf.py rule)."""
+    prompt_mask = torch.zeros(1, seq.shape[0], dtype=torch.bool)
+    prompt_mask[0, :plen] = True
+    routes, _ = memory.route(mean_prompt_stats(memory, seq[None], prompt_mask))
+    token_routes = torch.full((seq.shape[0],), NO_ROUTE, dtype=torch.long)
+    token_routes[plen - 1 :] = routes[0]
+    return memory.delta(seq, token_routes), int(routes[0])
+
+
+def run_schedule(runtime: MemoryRuntime, seqs: dict[str, torch.Tensor], plens: dict[str, int], steps):
+    """steps: list of [(req_id, first_pos, n_tokens)]. Returns per-request delta rows by position."""
+    got = {rid: {} for rid in seqs}
+    for step in steps:
+        rows, starts, first, lens, ids = [], [0], [], [], []
+        for rid, p0, n in step:
+            rows.append(seqs[rid][p0 : p0 + n])
+            starts.append(starts[-1] + n)
+            first.append(p0)
+            lens.append(plens[rid])
+            ids.append(rid)
+        a = torch.cat(rows)
+        runtime.begin_step(BatchPlan(ids, np.array(starts), np.array(first), np.array(lens)))
+        out = runtime.apply(torch.zeros(a.shape[0], H), a)
+        runtime.end_step()
+        for k, (rid, p0, n) in enumerate(step):
+            for j in range(n):
+                got[rid][p0 + j] = out[starts[k] + j]
+    return got
+
+
+def check(memory, runtime, seqs, plens, got):
+    for rid, seq in seqs.items():
+        want, route = reference(memory, seq, plens[rid])
+        assert runtime.route_info(rid).route == route
+        for pos, row in got[rid].items():
+            torch.testing.assert_close(row, want[pos], msg=f"{rid} position {pos}")
+
+
+def test_mixed_batch_chunked_prefill_and_decode():
+    memory, prompts = make_memoir()
+    g = torch.Generator().manual_seed(1)
+    # r0 = edit 0's prompt, r1 = edit 2's prompt, r2 = unrelated; each followed by 4 "generated" tokens
+    seqs = {
+        "r0": torch.cat([prompts[0], torch.randn(4, I, generator=g)]),
+        "r1": torch.cat([prompts[2], torch.randn(4, I, generator=g)]),
+        "r2": torch.randn(9 + 4, I, generator=g),
+    }
+    plens = {"r0": 5, "r1": 11, "r2": 9}
+    steps = [
+        [("r0", 0, 5), ("r1", 0, 4)],  # r0 whole prompt, r1 first chunk
+        [("r0", 5, 1), ("r1", 4, 4), ("r2", 0, 3)],  # decode, middle chunk, first chunk
+        [("r0", 6, 1), ("r1", 8, 3), ("r2", 3, 6)],  # r1 and r2 finish their prompts
+        [("r1", 11, 1), ("r2", 9, 1), ("r0", 7, 1)],  # order changes between steps
+        [("r1", 12, 1), ("r2", 10, 3)],
+    ]
+    runtime = MemoryRuntime(memory)
+    got = run_schedule(runtime, seqs, plens, steps)
+    check(memory, runtime, seqs, plens, got)
+    assert runtime.route_info("r0").route == 0 and runtime.route_info("r1").route == 2
+    assert runtime.route_info("r2").route == NO_ROUTE
+    # prompt tokens before the last one never get the memory
+    assert all(got["r0"][p].abs().max() == 0 for p in range(4))
+    assert got["r0"][4].abs().max() > 0
+
+
+def test_preemption_recompute_keeps_route_and_counts_once():
+    memory, prompts = make_memoir()
+    g = torch.Generator().manual_seed(2)
+    seqs = {"r0": torch.cat([prompts[1], torch.randn(3, I, generator=g)])}
+    plens = {"r0": 8}
+    runtime = MemoryRuntime(memory)
+    # preempted mid-prefill (after 5 of 8 prompt tokens), recomputed from 0, then decodes; then
+    # preempted again after the route was decided and recomputed as one 10-token "prefill".
+    steps = [[("r0", 0, 5)], [("r0", 0, 3)], [("r0", 3, 5)], [("r0", 8, 1)], [("r0", 0, 10)], [("r0", 10, 1)]]
+    got = run_schedule(runtime, seqs, plens, steps)
+    check(memory, runtime, seqs, plens, got)
+    assert runtime.route_info("r0").route == 1
+
+
+def test_gap_in_prompt_serves_base_and_free_prune():
+    memory, prompts = make_memoir()
+    runtime = MemoryRuntime(memory)
+    seqs = {"r0-abcdefgh": prompts[0], "r1": prompts[1]}
+    plens = {"r0-abcdefgh": 5, "r1": 8}
+    # r0 starts at position 2 (as after a prefix-cache hit): its statistics are incomplete
+    got = run_schedule(runtime, seqs, plens, [[("r0-abcdefgh", 2, 3), ("r1", 0, 8)]])
+    assert runtime.route_info("r0-abcdefgh").route == NO_ROUTE
+    assert all(row.abs().max() == 0 for row in got["r0-abcdefgh"].values())
+    assert runtime.route_info("r1").route == 1
+    runtime.free("r0-abcdefgh")
+    runtime.prune({"r2"})
+    assert runtime.states == {}
+    # finished routes stay queryable, also by the caller's id (vLLM adds "-" + 8 characters)
+    assert runtime.route_info("r0").route == NO_ROUTE and runtime.route_info("r1").route == 1
+    assert external_id("cmpl-7-0a1b2c3d") == "cmpl-7" and external_id("r1") == "r1"
+
+
+def test_empty_memory_and_no_plan_are_identity():
+    memory = MemoirMemory(MemoirConfig(top_k=16), torch.randn(H, I))
+    runtime = MemoryRuntime(memory)
+    out = torch.randn(3, H)
+    runtime.begin_step(BatchPlan(["x"], np.array([0, 3]), np.array([0]), np.array([3])))
+    assert runtime.apply(out, torch.randn(3, I)) is out
+    full, _ = make_memoir()
+    runtime = MemoryRuntime(full)
+    assert runtime.apply(out, torch.randn(3, I)) is out  # dummy/profile run: no plan
+
+
+def test_wise_memory_routes_like_reference():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(H, I, generator=g)
+    memory = WiseMemory(WiseConfig(), base)
+    side = base + 0.5 * torch.randn(H, I, generator=g)
+    memory.load_state({
+        "side": side, "side_min_score": torch.tensor(1.0), "memories": torch.zeros(0, H, I),
+        "memory_eps": torch.zeros(0), "memory_is_shard": torch.zeros(0, dtype=torch.bool),
+        "counters": torch.tensor([1, 1, 0]),
+    }, torch.zeros(0, I, dtype=torch.bool))
+    seqs = {"a": 3 * torch.randn(7, I, generator=g), "b": 0.01 * torch.randn(6, I, generator=g)}
+    plens = {"a": 5, "b": 4}
+    runtime = MemoryRuntime(memory)
+    got = run_schedule(runtime, seqs, plens, [[("a", 0, 2), ("b", 0, 4)], [("a", 2, 3), ("b", 4, 1)],
+                                               [("b", 5, 1), ("a", 5, 2)]])
+    check(memory, runtime, seqs, plens, got)
+    assert runtime.route_info("a").route == 0 and runtime.route_info("b").route == NO_ROUTE
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])

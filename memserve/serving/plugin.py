@@ -96,7 +96,9 @@ def open_store_manifest(path: str | None):
 
     if not Store.exists(path):
         return None, None
-    store = Store.open(path, readonly=True)
+    # Not readonly=True: Store.open(readonly=True) currently fails (lmdb drops dbi handles opened inside
+    # a read-only txn); a normal open only takes the write lock briefly. Nothing is written.
+    store = Store.open(path)
     return store, store.manifest
 
 

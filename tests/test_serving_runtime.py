@@ -109,6 +109,7 @@ def test_preemption_recompute_keeps_route_and_counts_once():
     got = run_schedule(runtime, seqs, plens, steps)
     check(memory, runtime, seqs, plens, got)
     assert runtime.route_info("r0").route == 1
+    assert runtime.recomputes == 2
 
 
 def test_gap_in_prompt_serves_base_and_free_prune():

@@ -59,6 +59,7 @@ class RequestRoute:
     score: float = 0.0
     complete: bool = True  # False if some prompt positions were never computed (cannot route exactly)
     prompt_len: int = 0
+    end_pos: int = 0  # one past the highest position processed so far
 
 
 @dataclass
@@ -88,6 +89,7 @@ class MemoryRuntime:
         self.plan: BatchPlan | None = None
         self._warned_gap = False
         self.steps = 0  # forwards that went through `apply` with a plan (for tests / diagnostics)
+        self.recomputes = 0  # chunks that re-ran already processed positions (preemption)
 
     @property
     def active(self) -> bool:
@@ -145,11 +147,14 @@ class MemoryRuntime:
             if state is None:
                 state = self.states[rid] = RequestRoute(prompt_len=int(plan.prompt_lens[i]))
             states.append(state)
-            if state.route is not None:
-                continue
             s, e = int(starts[i]), int(starts[i + 1])
             p0, plen = int(plan.first_pos[i]), state.prompt_len
             end_pos = p0 + (e - s)
+            if p0 < state.end_pos:
+                self.recomputes += 1
+            state.end_pos = max(state.end_pos, end_pos)
+            if state.route is not None:
+                continue
             lo, hi = max(p0, state.next_pos), min(end_pos, plen)
             if lo > state.next_pos:
                 state.complete = False

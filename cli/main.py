@@ -1,0 +1,223 @@
+"""`memserve` command line: a thin typer layer over the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lifelong knowledge editing for served LLMs.")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and check an edit store.")
+model_app = typer.Typer(no_args_is_help=True, help="Manage base models.")
+app.add_typer(store_app, name="store")
+app.add_typer(model_app, name="model")
+console = Console(stderr=True)
+
+STORE_OPTION = typer.Option("./memstore", "--store", help="Store directory.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _user_errors():
+    from memserve.facts import FactsError
+    from memserve.models import ModelError
+    from memserve.store import StoreError
+
+    return (FactsError, ModelError, StoreError, ValueError, OSError)
+
+
+def _parse_settings(settings: list[str]) -> dict:
+    values = {}
+    for item in settings:
+        if "=" not in item:
+            fail(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw
+    return values
+
+
+@app.command()
+def edit(
+    facts_file: Path = typer.Argument(..., help="Facts, one JSON object per line."),
+    store: Path = STORE_OPTION,
+    method: Optional[str] = typer.Option(None, help="memoir or wise (default memoir for a new store)."),
+    model: Optional[Path] = typer.Option(None, help="Local HF Llama-family model directory (default: embedded SmolLM2-135M-Instruct)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Edit only the first N facts."),
+    layer: Optional[int] = typer.Option(None, help="Layer whose down-projection gets the memory (new stores)."),
+    settings: List[str] = typer.Option([], "--set", help="Method option for a new store, e.g. --set tau=0.6."),
+    skip_invalid: bool = typer.Option(False, help="Edit the good rows and report the bad ones."),
+):
+    """Learn facts into the store, one edit after another (resumable: stored facts are skipped)."""
+    from memserve.editor import open_session
+    from memserve.facts import read_facts
+
+    try:
+        facts, problems = read_facts(facts_file, skip_invalid=skip_invalid)
+        for problem in problems:
+            console.print(f"[yellow]skipped:[/yellow] {problem}", highlight=False)
+        facts = facts[:limit] if limit else facts
+        config = _parse_settings(settings)
+        if layer is not None:
+            config["layer"] = layer
+        runner = open_session(store, model, method=method, config=config or None, facts=facts)
+    except _user_errors() as exc:
+        fail(str(exc))
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("editing", total=len(facts))
+
+        def advance(fact, status):
+            progress.update(task, advance=1, description=f"{status}: {fact.prompt[:40]}")
+
+        try:
+            report = runner.apply(facts, progress=advance)
+        except _user_errors() as exc:
+            fail(str(exc))
+    median = sorted(report.seconds)[len(report.seconds) // 2] if report.seconds else 0.0
+    console.print(
+        f"{report.added} edits added, {report.skipped} already stored, {len(problems)} invalid rows skipped; "
+        f"store {store} now holds {runner.store.num_edits} edits (version {runner.store.version}); median {median:.2f} s/edit",
+        highlight=False,
+    )
+
+
+@app.command("eval")
+def eval_(
+    facts_file: Path = typer.Argument(..., help="Facts to evaluate (normally the file that was edited)."),
+    store: Path = STORE_OPTION,
+    backend: str = typer.Option("hf", help="hf (transformers reference) or vllm."),
+    limit: Optional[int] = typer.Option(None, min=1),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
+    generation: bool = typer.Option(True, help="Also measure greedy generation accuracy."),
+):
+    """Rel / Gen / Loc (and perplexity, generation accuracy) on the store's final model."""
+    from memserve.evaluate import evaluate_store
+    from memserve.facts import read_facts
+
+    try:
+        facts, _ = read_facts(facts_file)
+        facts = facts[:limit] if limit else facts
+        result = evaluate_store(store, facts, backend=backend, generation=generation)
+    except _user_errors() as exc:
+        fail(str(exc))
+    table = Table(title=f"{result['method']} · {result['n']} facts · backend {result['backend']}")
+    for name in ("rel", "gen", "loc", "gen_acc", "ppl"):
+        table.add_column(name)
+    table.add_row(*("-" if result.get(k) is None else f"{result[k]:.3f}" for k in ("rel", "gen", "loc", "gen_acc", "ppl")))
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    store: Path = STORE_OPTION,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000),
+):
+    """OpenAI-compatible server (vLLM) answering with the store's edits. Extra options go to vLLM."""
+    from memserve.serving import serve as run_server
+
+    try:
+        run_server(str(store), host=host, port=port, engine_args=list(ctx.args))
+    except _user_errors() as exc:
+        fail(str(exc))
+
+
+@app.command()
+def demo(store: Path = typer.Option("./memstore-demo", "--store")):
+    """Edit the bundled example facts and show base vs edited answers."""
+    from memserve.demo import run_demo
+
+    try:
+        run_demo(store)
+    except _user_errors() as exc:
+        fail(str(exc))
+
+
+@model_app.command("prepare")
+def model_prepare(force: bool = typer.Option(False, help="Rebuild even if cached.")):
+    """Prepare the embedded default model (once) and print its directory."""
+    from memserve.models import prepare_default_model
+
+    try:
+        print(prepare_default_model(force=force))
+    except _user_errors() as exc:
+        fail(str(exc))
+
+
+def _open_store(store: Path):
+    from memserve.store import Store
+
+    try:
+        return Store.open(store, readonly=not os.access(store, os.W_OK))
+    except _user_errors() as exc:
+        fail(str(exc))
+
+
+@store_app.command("info")
+def store_info(store: Path = STORE_OPTION, as_json: bool = typer.Option(False, "--json")):
+    """Model, method, layer, number of edits and version."""
+    info = _open_store(store).info()
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        print(f"{key:15} {json.dumps(value) if isinstance(value, dict) else value}")
+
+
+@store_app.command("list")
+def store_list(store: Path = STORE_OPTION, limit: int = typer.Option(50, min=1)):
+    """The stored edits, oldest first."""
+    table = Table()
+    for column in ("id", "prompt", "target", "loss", "steps", "seconds"):
+        table.add_column(column)
+    for i, record in enumerate(_open_store(store).records()):
+        if i >= limit:
+            break
+        fact = record["fact"]
+        table.add_row(str(record["id"]), fact["prompt"][:60], fact["target"][:30], f"{record['loss']:.3f}", str(record["steps"]), f"{record['seconds']:.2f}")
+    Console().print(table)
+
+
+@store_app.command("show")
+def store_show(edit_id: int, store: Path = STORE_OPTION):
+    """One edit's full record."""
+    try:
+        print(json.dumps(_open_store(store).record(edit_id), indent=2, ensure_ascii=False))
+    except _user_errors() as exc:
+        fail(str(exc))
+
+
+@store_app.command("verify")
+def store_verify(store: Path = STORE_OPTION):
+    """Check every record, tensor and index entry; exit 1 on any problem."""
+    opened = _open_store(store)
+    problems = opened.verify(width=opened.manifest.get("intermediate_size"))
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        raise typer.Exit(1)
+    print(f"ok: {opened.num_edits} edits, version {opened.version}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The papers' metrics, on the final model after all edits.
+
+- Rel: teacher-forced token accuracy of `prompt + " " + target` (argmax at each target position).
+- Gen: the same on each rephrase (mean over a fact's rephrases).
+- Loc: on each locality prompt + answer, share of answer positions whose argmax is unchanged from the
+  unedited model.
+- PPL: perplexity of the target (hallucination set), reported beside Rel.
+- Gen-acc (extra): the greedy answer to the bare prompt contains the target.
+- Routing: how often an edit prompt / rephrase reaches its own edit and a locality prompt reaches none.
+
+A backend scores token sequences; `HFBackend` is the transformers reference. The vLLM backend lives
+with the serving code and has the same two methods.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .facts import Fact
+from .hf import EditedModel
+from .training import prompt_and_answer
+
+
+@dataclass
+class Scored:
+    predicted: list[int]  # argmax at positions plen-1 .. len-2 (they predict tokens plen .. len-1)
+    logprobs: list[float]  # log-probability of each actual answer token
+    route: int
+
+
+class Backend(Protocol):
+    name: str
+
+    def score(self, sequences: list[list[int]], prompt_lens: list[int], use_memory: bool = True) -> list[Scored]: ...
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[int]]: ...
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, edited: EditedModel, batch_size: int = 32):
+        self.edited, self.batch_size = edited, batch_size
+
+    def score(self, sequences, prompt_lens, use_memory=True):
+        out: list[Scored] = []
+        for start in range(0, len(sequences), self.batch_size):
+            seqs, plens = sequences[start : start + self.batch_size], prompt_lens[start : start + self.batch_size]
+            logits, routes = self.edited.logits(seqs, plens, use_memory=use_memory)
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            for row, (seq, plen) in enumerate(zip(seqs, plens)):
+                positions = torch.arange(plen - 1, len(seq) - 1)
+                answer = torch.tensor(seq[plen:])
+                out.append(Scored(
+                    predicted=logits[row, positions].argmax(-1).tolist(),
+                    logprobs=logprobs[row, positions, answer].tolist(),
+                    route=int(routes[row]) if routes is not None else -1,
+                ))
+        return out
+
+    def generate(self, prompts, max_new_tokens):
+        outs, routes = [], []
+        for start in range(0, len(prompts), self.batch_size):
+            o, r = self.edited.generate(prompts[start : start + self.batch_size], max_new_tokens)
+            outs += o
+            routes += r.tolist()
+        return outs, routes
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+def evaluate(edited: EditedModel, backend: Backend, facts: list[Fact], edit_ids: list[int | None], generation: bool = True) -> dict:
+    """Metrics for `facts` on the backend's current model. `edit_ids[i]` is the stored edit of fact i."""
+    encode = lambda p, a: prompt_and_answer(edited, p, a)  # noqa: E731
+    probes: list[tuple[str, int]] = []  # (kind, fact index)
+    sequences, prompt_lens = [], []
+
+    def add(kind: str, index: int, prompt: str, answer: str) -> None:
+        seq, plen = encode(prompt, answer)
+        probes.append((kind, index))
+        sequences.append(seq)
+        prompt_lens.append(plen)
+
+    for i, fact in enumerate(facts):
+        add("rel", i, fact.prompt, fact.target)
+        for rephrase in fact.rephrases:
+            add("gen", i, rephrase, fact.target)
+        for prompt, answer in fact.locality:
+            add("loc", i, prompt, answer)
+
+    edited_scores = backend.score(sequences, prompt_lens, use_memory=True)
+    loc_rows = [j for j, (kind, _) in enumerate(probes) if kind == "loc"]
+    base_scores = backend.score([sequences[j] for j in loc_rows], [prompt_lens[j] for j in loc_rows], use_memory=False)
+    base_of = dict(zip(loc_rows, base_scores))
+
+    per_fact: dict[str, list[list[float]]] = {"rel": [[] for _ in facts], "gen": [[] for _ in facts], "loc": [[] for _ in facts]}
+    nll: list[float] = []
+    hits = {"rel": [], "gen": [], "loc": []}
+    for j, ((kind, i), scored) in enumerate(zip(probes, edited_scores)):
+        answer = sequences[j][prompt_lens[j] :]
+        if kind == "loc":
+            reference = base_of[j].predicted
+            value = sum(p == r for p, r in zip(scored.predicted, reference)) / len(reference)
+            hits["loc"].append(scored.route < 0)
+        else:
+            value = sum(p == t for p, t in zip(scored.predicted, answer)) / len(answer)
+            hits[kind].append(edit_ids[i] is not None and scored.route == edit_ids[i])
+            if kind == "rel":
+                nll.append(-sum(scored.logprobs) / len(scored.logprobs))
+        per_fact[kind][i].append(value)
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    result = {
+        "n": len(facts),
+        "rel": mean([mean(v) for v in per_fact["rel"] if v]),
+        "gen": mean([mean(v) for v in per_fact["gen"] if v]),
+        "loc": mean([mean(v) for v in per_fact["loc"] if v]),
+        "ppl": mean([math.exp(x) for x in nll]),
+        "routing": {
+            "edit_prompt_to_own_edit": mean(hits["rel"]),
+            "rephrase_to_own_edit": mean(hits["gen"]),
+            "locality_to_no_edit": mean(hits["loc"]),
+        },
+        "backend": backend.name,
+    }
+    if generation:
+        prompts = [edited.encode(f.prompt) for f in facts]
+        longest = max(len(edited.encode(" " + f.target)) for f in facts)
+        outputs, _ = backend.generate(prompts, longest + 4)
+        texts = [edited.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        result["gen_acc"] = mean([_normalise(f.target) in _normalise(t) for f, t in zip(facts, texts)])
+    return result
+
+
+def evaluate_store(store_path, facts: list[Fact], backend: str = "hf", generation: bool = True) -> dict:
+    """Open a store read-only with its base model and evaluate `facts` on its final model."""
+    from memserve.store import Store
+
+    from .editor import load_memory, store_model_dir
+    from .models import down_proj, load_model
+
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"unknown backend {backend!r}; choose hf or vllm")
+    store = Store.open(store_path, readonly=True)
+    manifest = store.manifest
+    model, tokenizer = load_model(store_model_dir(store))
+    base = down_proj(model, manifest["layer"]).weight
+    edited = EditedModel(model, tokenizer, load_memory(store, base), manifest["layer"])
+    if backend == "hf":
+        runner: Backend = HFBackend(edited)
+    else:
+        from .serving import VLLMBackend
+
+        runner = VLLMBackend(str(store_path))
+    edit_ids = [store.find(f.key) for f in facts]
+    result = evaluate(edited, runner, facts, edit_ids, generation=generation)
+    result["method"] = manifest["method"]
+    result["edits_in_store"] = store.num_edits
+    return result

@@ -1,0 +1,97 @@
+"""Routing rules and memory arithmetic of both methods, on small random tensors."""
+
+import torch
+
+from memserve.methods import NO_ROUTE, MemoirConfig, MemoirMemory, WiseConfig, WiseMemory
+from memserve.methods.wise import ties_merge
+
+H, I = 8, 64
+
+
+def memoir(k=16, tau=0.5):
+    torch.manual_seed(0)
+    memory = MemoirMemory(MemoirConfig(layer=0, top_k=k, tau=tau), torch.randn(H, I))
+    memory.calibrate(torch.zeros(I))
+    return memory
+
+
+def test_memoir_key_is_topk_through_fixed_permutation():
+    memory = memoir(k=16)
+    feature = torch.randn(3, I)
+    mask = memory.key(feature)
+    assert mask.dtype == torch.bool and mask.sum(-1).tolist() == [16, 16, 16]
+    top = feature[0].abs().topk(16).indices
+    assert set(mask[0].nonzero().squeeze(1).tolist()) == set(memory.permutation[top].tolist())
+    # Decentring changes which features are picked.
+    memory.calibrate(feature[0])
+    assert not torch.equal(memory.key(feature[:1]), mask[:1])
+
+
+def test_memoir_routes_to_best_overlap_above_tau_newest_on_ties():
+    memory = memoir(k=16, tau=0.5)
+    a = torch.randn(3, I)
+    assert memory.route(a)[0].tolist() == [NO_ROUTE] * 3  # no edits yet
+    memory.masks = memory.key(a[:2])
+    routes, scores = memory.route(a)
+    assert routes[:2].tolist() == [0, 1] and scores[:2].tolist() == [1.0, 1.0]
+    assert routes[2].item() == NO_ROUTE or scores[2] >= 0.5
+    memory.masks = torch.cat([memory.masks, memory.key(a[:1])])  # same prompt edited again
+    assert memory.route(a[:1])[0].item() == 2
+
+
+def test_memoir_delta_uses_the_routed_edit_mask_only():
+    memory = memoir(k=16)
+    a = torch.randn(4, I)
+    memory.masks = memory.key(a[:2])
+    memory.residual = torch.randn(H, I)
+    routes = torch.tensor([0, 1, NO_ROUTE, 0])
+    out = memory.delta(a, routes)
+    assert torch.allclose(out[0], memory.residual @ (a[0] * memory.masks[0]))
+    assert torch.allclose(out[1], memory.residual @ (a[1] * memory.masks[1]))
+    assert torch.all(out[2] == 0)
+    assert torch.allclose(out[3], memory.residual @ (a[3] * memory.masks[0]))
+
+
+def test_wise_routes_by_score_threshold_and_picks_highest():
+    torch.manual_seed(0)
+    base = torch.randn(H, I)
+    memory = WiseMemory(WiseConfig(layer=0, act_ratio=0.5), base)
+    a = torch.randn(2, I)
+    assert memory.route(memory.token_stats(a))[0].tolist() == [NO_ROUTE, NO_ROUTE]
+    memory.side = base + torch.randn(H, I)
+    memory.side_min_score = torch.tensor(10.0)
+    memory.counters[:2] = 1
+    stats = memory.token_stats(a)
+    assert torch.allclose(stats[:, 0], ((memory.side - base) @ a.T).norm(dim=0))
+    routes = memory.route(torch.tensor([[4.9], [5.1]]))[0]  # eps = 0.5 * 10
+    assert routes.tolist() == [NO_ROUTE, 0]
+    assert torch.allclose(memory.delta(a, torch.tensor([0, NO_ROUTE]))[0], (memory.side - base) @ a[0])
+
+
+def test_ties_merge_trims_elects_sign_and_averages_agreeing_entries():
+    vectors = torch.tensor([[4.0, -1.0, 2.0, 0.1], [2.0, 3.0, -2.0, 0.1], [-1.0, 5.0, -4.0, 0.1]])
+    merged = ties_merge(vectors, density=0.5)
+    # kept per row (top 2): [4, 2], [3, -2] (ties by >= keep 2.0 too), [5, -4]
+    assert merged[0].item() == 3.0  # 4 and 2 agree on +; -1 trimmed
+    assert merged[1].item() == 4.0  # 3 and 5 agree
+    assert merged[3].item() == 0.0  # trimmed everywhere
+
+
+def test_wise_shards_and_merges_on_schedule():
+    torch.manual_seed(0)
+    base = torch.randn(H, I)
+    memory = WiseMemory(WiseConfig(layer=0, save_freq=2, merge_freq=4), base)
+    for step in range(4):
+        memory.side = memory.side + 0.1 * torch.randn(H, I)
+        memory.side_min_score = torch.tensor(1.0)
+        memory.counters[0] += 1
+        memory.counters[1] += 1
+        if memory.side_edits >= 2:
+            memory._close_side()
+        if memory.num_edits % 4 == 0:
+            memory._merge_shards()
+        if step == 1:
+            assert memory.memories.shape[0] == 1 and memory.memory_is_shard.tolist() == [True]
+    assert memory.memories.shape[0] == 1 and memory.memory_is_shard.tolist() == [False]
+    assert memory.side_edits == 0 and torch.equal(memory.side, base)
+    assert int(memory.counters[2]) == 2  # two shards, two different gradient masks

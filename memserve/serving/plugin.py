@@ -31,7 +31,7 @@ from torch import nn
 
 from .runtime import PROMPT_LEN_ARG, BatchPlan, MemoryRuntime
 
-logger = logging.getLogger("memserve.serving")
+logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log handler
 
 ARCH = "MemserveLlamaForCausalLM"
 STORE_ENV = "MEMSERVE_STORE"

@@ -32,7 +32,7 @@ import torch
 
 from memserve.methods import NO_ROUTE, EditMemory
 
-logger = logging.getLogger("memserve.serving")
+logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log handler
 
 # Extra per-request argument (SamplingParams.extra_args) giving the number of leading prompt tokens
 # that form the routing prompt; the rest of the vLLM prompt is then treated as answer span

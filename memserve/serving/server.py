@@ -24,10 +24,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from fastapi import Request  # module level: FastAPI resolves the endpoint's (string) annotations here
+
 from .plugin import hf_overrides_json, register
 from .offline import resolve_store_model
 
-logger = logging.getLogger("memserve.serving")
+logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log handler
 
 WORKER_EXTENSION = "memserve.serving.worker.MemserveWorkerExtension"
 ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -113,10 +115,9 @@ async def lookup_routes(engine_client, path: str, response: dict) -> list[dict]:
 
 
 def add_route_reporting(app) -> None:
-    from fastapi import Request
     from fastapi.responses import JSONResponse
+    from starlette.middleware.base import BaseHTTPMiddleware
 
-    @app.middleware("http")
     async def memserve_route_middleware(request: Request, call_next):
         response = await call_next(request)
         if (
@@ -135,6 +136,10 @@ def add_route_reporting(app) -> None:
         data["memserve"] = routes
         headers["x-memserve-edit"] = ",".join(r["edit"] for r in routes)
         return JSONResponse(data, status_code=response.status_code, headers=headers)
+
+    # vLLM's build_app has already built the middleware stack; let starlette rebuild it lazily.
+    app.middleware_stack = None
+    app.add_middleware(BaseHTTPMiddleware, dispatch=memserve_route_middleware)
 
     @app.get("/v1/memserve/routes/{response_id}")
     async def memserve_routes(response_id: str, request: Request):

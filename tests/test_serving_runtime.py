@@ -109,7 +109,7 @@ def test_preemption_recompute_keeps_route_and_counts_once():
     got = run_schedule(runtime, seqs, plens, steps)
     check(memory, runtime, seqs, plens, got)
     assert runtime.route_info("r0").route == 1
-    assert runtime.recomputes == 2
+    assert runtime.recomputes == 3  # [0,3) and [3,8) re-run positions 0-4; [0,10) re-runs all
 
 
 def test_gap_in_prompt_serves_base_and_free_prune():
@@ -162,3 +162,18 @@ def test_wise_memory_routes_like_reference():
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_server_argv_defaults_and_overrides(tmp_path):
+    import json
+
+    from memserve.serving.server import build_argv
+
+    argv = build_argv(tmp_path / "missing", "127.0.0.1", 8000)
+    assert argv[argv.index("--dtype") + 1] == "float32" and "--enforce-eager" in argv
+    assert "--no-enable-prefix-caching" not in argv  # no edits: nothing to protect
+    overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
+    assert overrides["architectures"] == ["MemserveLlamaForCausalLM"]
+    assert argv[argv.index("--served-model-name") + 1] == "SmolLM2-135M-Instruct"
+    argv = build_argv(None, "0.0.0.0", 9000, ["--dtype", "bfloat16", "--max-model-len", "512"])
+    assert "--enforce-eager" not in argv and argv.count("--dtype") == 1 and argv.count("--max-model-len") == 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Iterable
 
@@ -37,7 +38,7 @@ ARCH = "MemserveLlamaForCausalLM"
 STORE_ENV = "MEMSERVE_STORE"
 STORE_CONFIG_KEY = "memserve_store"
 
-_RUNTIMES: dict[int, MemoryRuntime] = {}
+_RUNTIMES: "weakref.WeakValueDictionary[int, MemoryRuntime]" = weakref.WeakValueDictionary()  # key -> runtime (owned by the model)
 _registered = False
 _hooks_installed = False
 
@@ -144,6 +145,11 @@ def _memserve_model_class():
             from memserve.editor import load_memory
             from memserve.models import weight_hash
 
+            from vllm.distributed import get_tensor_model_parallel_world_size
+
+            if get_tensor_model_parallel_world_size() > 1:
+                raise RuntimeError("memserve: tensor parallelism is not supported (the memory needs the full "
+                                   "down_proj input); serve with --tensor-parallel-size 1")
             mlp = self.model.layers[layer].mlp
             if checkpoint_weight is None:  # e.g. a loader that renamed the tensor: use what was loaded
                 checkpoint_weight = mlp.down_proj.weight.detach().to(torch.float32).clone()

@@ -39,12 +39,21 @@ def _has_option(args: Sequence[str], *names: str) -> bool:
     return any(a == n or a.startswith(n + "=") for a in args for n in names)
 
 
+def _option_value(args: Sequence[str], name: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_args: Sequence[str] = ()) -> list[str]:
-    """vLLM `serve` arguments for `store` (exposed for tests)."""
-    engine_args = list(engine_args)
-    model_dir, has_edits = resolve_store_model(store, None if _has_option(engine_args, "--model") else None)
+    """vLLM `serve` arguments for `store`; options in `engine_args` win over these defaults."""
     from memserve.models import model_id
 
+    engine_args = list(engine_args)
+    model_dir, has_edits = resolve_store_model(store, _option_value(engine_args, "--model"))
     argv = ["--host", host, "--port", str(port)]
     if not _has_option(engine_args, "--model"):
         argv += ["--model", str(model_dir)]
@@ -52,11 +61,13 @@ def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_arg
         argv += ["--served-model-name", model_id(model_dir)]
     if not _has_option(engine_args, "--hf-overrides"):
         argv += ["--hf-overrides", hf_overrides_json(Path(store) if store else None)]
-    if not _has_option(engine_args, "--dtype"):
+    dtype = _option_value(engine_args, "--dtype")
+    if dtype is None:
         argv += ["--dtype", "float32"]
-    if not _has_option(engine_args, "--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config"):
-        if not _has_option(engine_args, "--dtype") or _has_option(engine_args, "--dtype=float32"):
-            argv += ["--enforce-eager"]
+    eager_given = _has_option(engine_args, "--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config")
+    if not eager_given and (dtype is None or dtype in ("float32", "float")):
+        # fp32 eager matches the transformers reference; other dtypes need compiled mode on CPU
+        argv += ["--enforce-eager"]
     if has_edits and not _has_option(engine_args, "--enable-prefix-caching", "--no-enable-prefix-caching"):
         logger.info("memserve: prefix caching disabled (the store has edits; routes depend on every prompt token)")
         argv += ["--no-enable-prefix-caching"]

@@ -2,7 +2,7 @@
 
 One in-process fp32 eager engine for the module, deliberately starved so every hard case of the flat
 batch occurs in the same run: a 64-token step budget (prompts are split into prefill chunks that
-share steps with other requests' decodes), 16-token KV blocks and a small block pool (requests are
+share steps with other requests' decodes), 32-token KV blocks and a small block pool (requests are
 preempted and recomputed). Edited prompts, their rephrases and unrelated prompts go in ONE batch.
 """
 
@@ -16,7 +16,7 @@ import pytest
 pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
 
 NUM_EDITS = int(os.environ.get("MEMSERVE_TEST_EDITS", "24"))
-MAX_NEW = 12
+MAX_NEW = 20
 UNRELATED = [
     "The quick brown fox jumps over the lazy dog. What animal jumps?",
     "Explain photosynthesis in one sentence.",
@@ -77,7 +77,7 @@ def engine(store, reference):
     from memserve.serving.offline import VllmEditedModel
 
     model = VllmEditedModel(
-        store, max_num_batched_tokens=64, block_size=16, num_gpu_blocks_override=24, max_num_seqs=64,
+        store, max_num_batched_tokens=64, block_size=32, num_gpu_blocks_override=12, max_num_seqs=64, max_model_len=256,
     )
     yield model
     del model

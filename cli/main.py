@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -86,10 +87,12 @@ def edit(
             report = runner.apply(facts, progress=advance)
         except _user_errors() as exc:
             fail(str(exc))
+        finally:
+            runner.store.close()
     median = sorted(report.seconds)[len(report.seconds) // 2] if report.seconds else 0.0
     console.print(
         f"{report.added} edits added, {report.skipped} already stored, {len(problems)} invalid rows skipped; "
-        f"store {store} now holds {runner.store.num_edits} edits (version {runner.store.version}); median {median:.2f} s/edit",
+        f"store {store} now holds {report.total} edits; median {median:.2f} s/edit",
         highlight=False,
     )
 
@@ -160,19 +163,27 @@ def model_prepare(force: bool = typer.Option(False, help="Rebuild even if cached
         fail(str(exc))
 
 
+@contextlib.contextmanager
 def _open_store(store: Path):
     from memserve.store import Store
 
     try:
-        return Store.open(store, readonly=not os.access(store, os.W_OK))
+        opened = Store.open(store, readonly=not os.access(store, os.W_OK))
     except _user_errors() as exc:
         fail(str(exc))
+    try:
+        yield opened
+    except _user_errors() as exc:
+        fail(str(exc))
+    finally:
+        opened.close()
 
 
 @store_app.command("info")
 def store_info(store: Path = STORE_OPTION, as_json: bool = typer.Option(False, "--json")):
     """Model, method, layer, number of edits and version."""
-    info = _open_store(store).info()
+    with _open_store(store) as opened:
+        info = opened.info()
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -186,33 +197,33 @@ def store_list(store: Path = STORE_OPTION, limit: int = typer.Option(50, min=1))
     table = Table()
     for column in ("id", "prompt", "target", "loss", "steps", "seconds"):
         table.add_column(column)
-    for i, record in enumerate(_open_store(store).records()):
-        if i >= limit:
-            break
-        fact = record["fact"]
-        table.add_row(str(record["id"]), fact["prompt"][:60], fact["target"][:30], f"{record['loss']:.3f}", str(record["steps"]), f"{record['seconds']:.2f}")
+    with _open_store(store) as opened:
+        for i, record in enumerate(opened.records()):
+            if i >= limit:
+                break
+            fact = record["fact"]
+            table.add_row(str(record["id"]), fact["prompt"][:60], fact["target"][:30], f"{record['loss']:.3f}", str(record["steps"]), f"{record['seconds']:.2f}")
     Console().print(table)
 
 
 @store_app.command("show")
 def store_show(edit_id: int, store: Path = STORE_OPTION):
     """One edit's full record."""
-    try:
-        print(json.dumps(_open_store(store).record(edit_id), indent=2, ensure_ascii=False))
-    except _user_errors() as exc:
-        fail(str(exc))
+    with _open_store(store) as opened:
+        print(json.dumps(opened.record(edit_id), indent=2, ensure_ascii=False))
 
 
 @store_app.command("verify")
 def store_verify(store: Path = STORE_OPTION):
     """Check every record, tensor and index entry; exit 1 on any problem."""
-    opened = _open_store(store)
-    problems = opened.verify(width=opened.manifest.get("intermediate_size"))
+    with _open_store(store) as opened:
+        problems = opened.verify(width=opened.manifest.get("intermediate_size"))
+        summary = f"ok: {opened.num_edits} edits, version {opened.version}"
     for problem in problems:
         print(f"problem: {problem}")
     if problems:
         raise typer.Exit(1)
-    print(f"ok: {opened.num_edits} edits, version {opened.version}")
+    print(summary)
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ def check_lengths(tokenizer, facts: list[Fact], limit: int) -> None:
 class EditReport:
     added: int = 0
     skipped: int = 0
+    total: int = 0  # edits in the store afterwards
     seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
@@ -108,6 +109,7 @@ class EditSessionRunner:
             report.losses.append(outcome.loss)
             if progress:
                 progress(fact, "added")
+        report.total = self.store.num_edits
         return report
 
 
@@ -125,6 +127,15 @@ def open_session(
     if not existing and not create:
         raise StoreError(f"{store_path}: no store here")
     store = Store.open(store_path) if existing else None
+    try:
+        return _start(store, store_path, model_path, method, config, facts)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+
+
+def _start(store, store_path, model_path, method, config, facts) -> EditSessionRunner:
     if model_path is None and store is not None:
         model_path = store_model_dir(store)
     model_dir = resolve_model(model_path)
@@ -157,6 +168,3 @@ def open_session(
     }
     store = Store.create(store_path, manifest, memory.state_tensors())
     return EditSessionRunner(store, edited)
-
-
-__all__ = ["EditReport", "EditSessionRunner", "background_mean", "build_memory", "load_memory", "open_session"]

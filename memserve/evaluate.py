@@ -151,7 +151,14 @@ def evaluate_store(store_path, facts: list[Fact], backend: str = "hf", generatio
 
     if backend not in ("hf", "vllm"):
         raise ValueError(f"unknown backend {backend!r}; choose hf or vllm")
-    store = Store.open(store_path, readonly=True)
+    with Store.open(store_path, readonly=True) as store:
+        return _evaluate_open_store(store, store_path, facts, backend, generation)
+
+
+def _evaluate_open_store(store, store_path, facts, backend, generation) -> dict:
+    from .editor import load_memory, store_model_dir
+    from .models import down_proj, load_model
+
     manifest = store.manifest
     model, tokenizer = load_model(store_model_dir(store))
     base = down_proj(model, manifest["layer"]).weight

@@ -246,7 +246,10 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
     stepper = (NaiveStepper if naive else FastStepper)(edited, prepared)
     session = edited.memory.start_edit(prepared.examples)
     params = session.parameters()
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+    if cfg.optimizer not in optimizers:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adam")
+    optimizer = optimizers[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_value, steps = float("nan"), 0
     for steps in range(1, cfg.steps + 1):
         logits = stepper.target_logits(session)

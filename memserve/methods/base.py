@@ -32,6 +32,7 @@ class MethodConfig:
     """Hyper-parameters shared by both methods (the optimiser of one edit)."""
 
     layer: int = 22
+    optimizer: str = "sgd"  # sgd (the papers) or adam
     lr: float = 1.0
     steps: int = 30
     weight_decay: float = 1e-5

@@ -29,6 +29,9 @@ class MemoirConfig(MethodConfig):
     # eroding earlier edits).
     weight_decay: float = 1e-5
     permutation_seed: int = 1234
+    # Feed the memory `a - background` instead of the raw `a` (the paper's choice). Activations share
+    # a large common component; removing it makes edits that share mask columns interfere less.
+    decentre_input: bool = False
 
 
 class MemoirMemory(EditMemory):
@@ -83,9 +86,13 @@ class MemoirMemory(EditMemory):
         out = a.new_zeros(a.shape[0], self.hidden_size)
         rows = (routes >= 0).nonzero().squeeze(1)
         if rows.numel():
-            masked = a[rows].to(self.residual.dtype) * self.masks[routes[rows]]
+            masked = self.memory_input(a[rows]) * self.masks[routes[rows]]
             out[rows] = (masked @ self.residual.T).to(a.dtype)
         return out
+
+    def memory_input(self, a: torch.Tensor) -> torch.Tensor:
+        a = a.to(self.residual.dtype)
+        return a - self.background if self.config.decentre_input else a
 
     def route_label(self, route: int) -> str:
         return "none" if route < 0 else f"edit-{route}"
@@ -120,7 +127,7 @@ class MemoirSession(EditSession):
         return [self.weight]
 
     def delta(self, a: torch.Tensor) -> torch.Tensor:
-        return a[:, self.columns].to(self.weight.dtype) @ self.weight.T
+        return self.memory.memory_input(a)[:, self.columns] @ self.weight.T
 
     def finish(self) -> dict[str, Any]:
         memory = self.memory

@@ -1,0 +1,83 @@
+"""Sequential-editing quality on the dev sets (the papers' protocol): edit T facts in one stream,
+then evaluate every one of them on the final model. Writes JSON (and a PNG when several T are run).
+
+    .venv/bin/python benchmarks/quality.py --dataset zsre --method memoir --T all --json out/q.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from memserve.editor import open_session
+from memserve.evaluate import HFBackend, evaluate
+from memserve.facts import read_facts
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def run(dataset: str, method: str, count: int | None, config: dict, generation: bool) -> dict:
+    facts, invalid = read_facts(DATA / f"{dataset}_dev.jsonl", skip_invalid=True)
+    facts = facts[:count] if count else facts
+    workdir = Path(tempfile.mkdtemp(prefix="memserve-quality-"))
+    try:
+        runner = open_session(workdir / "store", method=method, config=config or None, facts=facts)
+        started = time.perf_counter()
+        report = runner.apply(facts)
+        edit_seconds = time.perf_counter() - started
+        ids = [runner.store.find(f.key) for f in facts]
+        result = evaluate(runner.edited, HFBackend(runner.edited), facts, ids, generation=generation)
+        runner.store.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result.update(
+        dataset=dataset, method=method, T=len(facts), invalid_rows_skipped=len(invalid), config=runner.edited.memory.config.to_dict(),
+        seconds_per_edit_median=statistics.median(report.seconds), seconds_per_edit_p90=sorted(report.seconds)[int(0.9 * (len(report.seconds) - 1))],
+        edit_seconds_total=edit_seconds, final_loss_mean=statistics.mean(report.losses),
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="zsre", choices=["zsre", "hallucination", "temporal"])
+    parser.add_argument("--method", default="memoir", choices=["memoir", "wise"])
+    parser.add_argument("--T", default="all", help="comma-separated stream lengths, 'all' = every valid fact")
+    parser.add_argument("--set", action="append", default=[], help="method option key=value (JSON value)")
+    parser.add_argument("--no-generation", action="store_true")
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    config = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    rows = []
+    for t in args.T.split(","):
+        row = run(args.dataset, args.method, None if t == "all" else int(t), config, not args.no_generation)
+        print(json.dumps({k: row[k] for k in ("dataset", "method", "T", "rel", "gen", "loc", "ppl", "gen_acc", "seconds_per_edit_median") if k in row}), flush=True)
+        rows.append(row)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=2))
+    if args.plot and len(rows) > 1:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for metric in ("rel", "gen", "loc"):
+            ax.plot([r["T"] for r in rows], [r[metric] for r in rows], marker="o", label=metric)
+        ax.set_xscale("log")
+        ax.set_xlabel("edits in one stream (T)")
+        ax.set_ylabel("score on the final model")
+        ax.set_title(f"{args.method} on {args.dataset} dev")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""`memserve edit/eval/store` end to end: good runs, resumability, and bad input leaving the store alone."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from memserve.cli.main import app
+
+from .conftest import FACTS, tiny_config, write_facts
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def settings(**extra):
+    out = []
+    for key, value in tiny_config(**extra).items():
+        out += ["--set", f"{key}={json.dumps(value)}"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory, tiny_model_dir):
+    base = tmp_path_factory.mktemp("cli")
+    facts = write_facts(base / "facts.jsonl", FACTS[:2])
+    result = invoke("edit", facts, "--store", base / "store", "--model", tiny_model_dir, *settings(steps=5))
+    assert result.exit_code == 0, result.output
+    return base, facts
+
+
+def store_state(path: Path) -> bytes:
+    return (path / "data.mdb").read_bytes()
+
+
+def test_edit_is_resumable_and_store_commands_work(tiny_store, tiny_model_dir):
+    base, facts = tiny_store
+    result = invoke("edit", facts, "--store", base / "store")
+    assert result.exit_code == 0 and "0 edits added, 2 already stored" in result.output
+    info = json.loads(invoke("store", "info", "--store", base / "store", "--json").output)
+    assert info["edits"] == 2 and info["method"] == "memoir" and info["version"] == 2 and info["model"] == str(tiny_model_dir.resolve())
+    assert invoke("store", "verify", "--store", base / "store").exit_code == 0
+    assert "Mombasa" in invoke("store", "show", "0", "--store", base / "store").output
+    assert invoke("store", "show", "7", "--store", base / "store").exit_code != 0
+
+
+def test_eval_writes_contract_json(tiny_store, tmp_path):
+    base, facts = tiny_store
+    out = tmp_path / "m.json"
+    result = invoke("eval", facts, "--store", base / "store", "--json", out, "--no-generation")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert metrics["n"] == 2 and metrics["method"] == "memoir" and metrics["backend"] == "hf"
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("rel", "gen", "loc"))
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['{"prompt": "What is x?", "target": "y"}', '{"prompt": "broken"'], "facts.jsonl:2: malformed JSON"),
+    (['{"target": "y"}'], "facts.jsonl:1: missing field 'prompt'"),
+    (['{"prompt": "What is x?", "target": ""}'], "facts.jsonl:1: field 'target' is empty"),
+    (['{"prompt": "What is x?", "target": "y"}', json.dumps({"prompt": "word " * 400, "target": "y"})], "facts.jsonl:2: field 'prompt'"),
+])
+def test_bad_input_is_refused_and_store_unchanged(tiny_store, tmp_path, rows, message):
+    base, _ = tiny_store
+    before = store_state(base / "store")
+    bad = write_facts(tmp_path / "facts.jsonl", rows)
+    result = invoke("edit", bad, "--store", base / "store")
+    assert result.exit_code != 0
+    assert message in result.output.replace("\n", "")
+    assert store_state(base / "store") == before
+
+
+def test_store_for_another_model_or_method_is_refused(tiny_store, tmp_path, default_model_dir):
+    base, facts = tiny_store
+    before = store_state(base / "store")
+    result = invoke("edit", facts, "--store", base / "store", "--model", default_model_dir)
+    assert result.exit_code != 0 and "built for model" in result.output
+    result = invoke("edit", facts, "--store", base / "store", "--method", "wise")
+    assert result.exit_code != 0 and "holds memoir edits" in result.output
+    assert store_state(base / "store") == before
+
+
+def test_skip_invalid_edits_good_rows(tmp_path, tiny_model_dir):
+    facts = write_facts(tmp_path / "facts.jsonl", [FACTS[0], '{"prompt": "x"}'])
+    result = invoke("edit", facts, "--store", tmp_path / "s", "--model", tiny_model_dir, "--skip-invalid", *settings(steps=2))
+    assert result.exit_code == 0, result.output
+    assert "facts.jsonl:2: missing field 'target'" in result.output.replace("\n", "")
+    assert "1 edits added" in result.output
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "memserve"
+    assert exe.exists()
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    assert out.returncode == 0 and "edit" in out.stdout and "serve" in out.stdout

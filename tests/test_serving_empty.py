@@ -22,10 +22,10 @@ MAX_NEW = 16
 
 
 @pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    from memserve.serving.testing import empty_store
+def empty_store():
+    from memserve.serving.testing import cached_store
 
-    return empty_store(tmp_path_factory.mktemp("empty") / "store")
+    return cached_store(0)
 
 
 def greedy(llm, prompts):

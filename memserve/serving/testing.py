@@ -68,7 +68,8 @@ def cached_store(count: int, method: str = "memoir") -> Path:
         staging = path.with_name(path.name + ".building")
         shutil.rmtree(staging, ignore_errors=True)
         runner = open_session(staging, method=method)
-        runner.apply(test_facts(count))
+        if count:
+            runner.apply(test_facts(count))
         runner.store.close()
         staging.rename(path)
         return path

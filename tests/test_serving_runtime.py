@@ -24,10 +24,9 @@ def make_memoir(num_edits: int = 3, seed: int = 0) -> tuple[MemoirMemory, list[t
     memory.calibrate(torch.zeros(I))
     prompts = [torch.randn(5 + 3 * i, I, generator=g) for i in range(num_edits)]
     keys = torch.cat([memory.key(p.mean(0, keepdim=True)) for p in prompts])
-    memory.load_state(
-        {"residual": torch.randn(H, I, generator=g), "permutation": memory.permutation, "background": torch.zeros(I)},
-        keys,
-    )
+    state = {k: v.clone() for k, v in memory.state_tensors().items()}
+    state["residual"] = torch.randn(H, I, generator=g)
+    memory.load_state(state, keys)
     return memory, prompts
 
 
@@ -130,6 +129,24 @@ def test_gap_in_prompt_serves_base_and_free_prune():
     assert external_id("cmpl-7-0a1b2c3d") == "cmpl-7" and external_id("r1") == "r1"
 
 
+def test_forced_route():
+    memory, prompts = make_memoir()
+    runtime = MemoryRuntime(memory)
+    a = torch.cat([prompts[0], prompts[0]])
+    plan = BatchPlan(["base", "edit2"], np.array([0, 5, 10]), np.array([0, 0]), np.array([5, 5]), np.array([-1, 2]))
+    runtime.begin_step(plan)
+    out = runtime.apply(torch.zeros(10, H), a)
+    assert out[:5].abs().max() == 0  # routed to edit 0 by its prompt, but forced to the base model
+    token_routes = torch.full((5,), NO_ROUTE)
+    token_routes[4] = 2
+    torch.testing.assert_close(out[5:], memory.delta(prompts[0], token_routes))
+    assert runtime.route_info("base").route == -1 and runtime.route_info("edit2").route == 2
+    bad = BatchPlan(["x"], np.array([0, 5]), np.array([0]), np.array([5]), np.array([7]))
+    runtime.begin_step(bad)
+    with pytest.raises(ValueError):
+        runtime.apply(torch.zeros(5, H), prompts[0])
+
+
 def test_empty_memory_and_no_plan_are_identity():
     memory = MemoirMemory(MemoirConfig(top_k=16), torch.randn(H, I))
     runtime = MemoryRuntime(memory)
@@ -146,11 +163,9 @@ def test_wise_memory_routes_like_reference():
     base = torch.randn(H, I, generator=g)
     memory = WiseMemory(WiseConfig(), base)
     side = base + 0.5 * torch.randn(H, I, generator=g)
-    memory.load_state({
-        "side": side, "side_min_score": torch.tensor(1.0), "memories": torch.zeros(0, H, I),
-        "memory_eps": torch.zeros(0), "memory_is_shard": torch.zeros(0, dtype=torch.bool),
-        "counters": torch.tensor([1, 1, 0]),
-    }, torch.zeros(0, I, dtype=torch.bool))
+    state = {k: v.clone() for k, v in memory.state_tensors().items()}
+    state.update(side=side, side_min_score=torch.tensor(1.0), counters=torch.tensor([1, 1, 0]))
+    memory.load_state(state, torch.zeros(0, I, dtype=torch.bool))
     seqs = {"a": 3 * torch.randn(7, I, generator=g), "b": 0.01 * torch.randn(6, I, generator=g)}
     plens = {"a": 5, "b": 4}
     runtime = MemoryRuntime(memory)

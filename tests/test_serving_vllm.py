@@ -63,8 +63,13 @@ def reference(store, prompts):
                 plens.append(len(prompt_ids))
         logits, tf_routes = edited.logits(seqs, plens)
         argmax = [logits[i, : len(s) - 1].argmax(-1).tolist() for i, s in enumerate(seqs)]
+        logprobs = logits.float().log_softmax(-1)
+        answer_logprobs = [[float(logprobs[i, j - 1, s[j]]) for j in range(p, len(s))]
+                           for i, (s, p) in enumerate(zip(seqs, plens))]
+        base_logits, _ = edited.logits(seqs, plens, use_memory=False)
+        base_argmax = [base_logits[i, : len(s) - 1].argmax(-1).tolist() for i, s in enumerate(seqs)]
         return dict(ids=ids, gen=gen, gen_routes=gen_routes.tolist(), seqs=seqs, plens=plens, argmax=argmax,
-                    tf_routes=tf_routes.tolist())
+                    tf_routes=tf_routes.tolist(), answer_logprobs=answer_logprobs, base_argmax=base_argmax)
     finally:
         runner.store.close()
         del runner, edited
@@ -113,6 +118,20 @@ def test_teacher_forced_argmax_matches_reference(engine, reference):
     assert routes == reference["tf_routes"]
     diffs = [i for i, (a, b) in enumerate(zip(argmax, reference["argmax"])) if a != b]
     assert not diffs, [(i, argmax[i], reference["argmax"][i]) for i in diffs[:3]]
+
+
+def test_score_and_base_probe_match_reference(engine, reference):
+    """`score` (the eval backend's probe): answer-span argmax and log-probs; use_memory=False is the base."""
+    import math
+
+    rows = engine.score(reference["seqs"], reference["plens"])
+    for row, seq, plen, want, lps in zip(rows, reference["seqs"], reference["plens"], reference["argmax"],
+                                         reference["answer_logprobs"]):
+        assert row.predicted == want[plen - 1 :]
+        assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(row.logprobs, lps)), (row.logprobs, lps)
+    assert [r.route for r in rows] == reference["tf_routes"]
+    base, routes = engine.teacher_forced(reference["seqs"], reference["plens"], use_memory=False)
+    assert base == reference["base_argmax"] and routes == [-1] * len(routes)
 
 
 def test_state_is_freed_after_requests_end(engine, reference):

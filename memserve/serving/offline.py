@@ -12,11 +12,12 @@ Set `VLLM_ENABLE_V1_MULTIPROCESSING=0` for a fast in-process engine (tests do).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .plugin import hf_overrides, open_store_manifest, register
-from .runtime import PROMPT_LEN_ARG
+from .runtime import PROMPT_LEN_ARG, ROUTE_ARG
 
 DEFAULT_KVCACHE_GIB = "1"
 
@@ -59,6 +60,15 @@ def engine_kwargs(
     )
     kwargs.update(overrides)
     return kwargs
+
+
+@dataclass
+class ScoredRow:
+    """Teacher-forced probe of one sequence (same fields as `memserve.evaluate.Scored`)."""
+
+    predicted: list[int]  # argmax at positions plen-1 .. len-2 (they predict tokens plen .. len-1)
+    logprobs: list[float]  # log-probability of each actual answer token
+    route: int
 
 
 class VllmEditedModel:
@@ -110,24 +120,41 @@ class VllmEditedModel:
         tokens = [t[: t.index(eos)] if eos in t else t for t in tokens]
         return tokens, self.routes([o.request_id for o in outputs])
 
-    def teacher_forced(self, sequences: list[list[int]], prompt_lens: list[int]) -> tuple[list[list[int]], list[int]]:
-        """Argmax next token at every position but the last (`len(seq) - 1` per row), routed from each
-        row's first `prompt_lens[i]` tokens, the memory acting from the last prompt token on."""
+    def _prompt_logprobs(self, sequences, prompt_lens, use_memory: bool):
         from vllm import SamplingParams
 
         prompts, params = [], []
         for seq, plen in zip(sequences, prompt_lens):
             if not 0 < plen <= len(seq):
                 raise ValueError(f"prompt length {plen} outside 1..{len(seq)}")
+            extra = {PROMPT_LEN_ARG: int(plen)}
+            if not use_memory:
+                extra[ROUTE_ARG] = -1
             prompts.append({"prompt_token_ids": list(seq)})
-            params.append(SamplingParams(
-                temperature=0.0, max_tokens=1, prompt_logprobs=1, extra_args={PROMPT_LEN_ARG: int(plen)},
-            ))
+            params.append(SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, extra_args=extra))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return outputs, self.routes([o.request_id for o in outputs])
+
+    def teacher_forced(
+        self, sequences: list[list[int]], prompt_lens: list[int], use_memory: bool = True,
+    ) -> tuple[list[list[int]], list[int]]:
+        """Argmax next token at every position but the last (`len(seq) - 1` per row), routed from each
+        row's first `prompt_lens[i]` tokens, the memory acting from the last prompt token on
+        (`use_memory=False`: the base model, route -1)."""
+        outputs, routes = self._prompt_logprobs(sequences, prompt_lens, use_memory)
         argmax = []
         for o in outputs:
-            row = []
-            for entry in o.prompt_logprobs[1:]:  # entry j predicts token j from tokens < j
-                row.append(next(tok for tok, lp in entry.items() if lp.rank == 1))
-            argmax.append(row)
-        return argmax, self.routes([o.request_id for o in outputs])
+            # entry j predicts token j from tokens < j; it holds the actual token and the rank-1 token
+            argmax.append([next(tok for tok, lp in entry.items() if lp.rank == 1) for entry in o.prompt_logprobs[1:]])
+        return argmax, routes
+
+    def score(self, sequences: list[list[int]], prompt_lens: list[int], use_memory: bool = True) -> list[ScoredRow]:
+        """Answer-span probes as `memserve.evaluate.Backend.score` wants them."""
+        outputs, routes = self._prompt_logprobs(sequences, prompt_lens, use_memory)
+        rows = []
+        for o, seq, plen, route in zip(outputs, sequences, prompt_lens, routes):
+            entries = o.prompt_logprobs  # entries[j]: distribution of token j
+            predicted = [next(tok for tok, lp in entries[j].items() if lp.rank == 1) for j in range(plen, len(seq))]
+            logprobs = [float(entries[j][seq[j]].logprob) for j in range(plen, len(seq))]
+            rows.append(ScoredRow(predicted, logprobs, route))
+        return rows

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .runtime import PROMPT_LEN_ARG, BatchPlan, MemoryRuntime
+from .runtime import NOT_FORCED, PROMPT_LEN_ARG, ROUTE_ARG, BatchPlan, MemoryRuntime
 
 logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log handler
 
@@ -208,12 +208,15 @@ def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
     starts = np.array(runner.query_start_loc.np[: n + 1], dtype=np.int64)
     first_pos = positions[torch.from_numpy(starts[:-1])].cpu().numpy() if n else np.zeros(0, np.int64)
     prompt_lens = np.zeros(n, dtype=np.int64)
+    forced = np.full(n, NOT_FORCED, dtype=np.int64)
     for i, rid in enumerate(req_ids):
         state = runner.requests[rid]
         params = state.sampling_params
         extra = (params.extra_args or {}) if params is not None else {}
         prompt_lens[i] = int(extra.get(PROMPT_LEN_ARG) or state.num_prompt_tokens)
-    return BatchPlan(req_ids, starts, first_pos, prompt_lens)
+        if extra.get(ROUTE_ARG) is not None:
+            forced[i] = int(extra[ROUTE_ARG])
+    return BatchPlan(req_ids, starts, first_pos, prompt_lens, forced)
 
 
 def install_runner_hooks() -> None:

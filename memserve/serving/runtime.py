@@ -38,6 +38,9 @@ logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log
 # that form the routing prompt; the rest of the vLLM prompt is then treated as answer span
 # (teacher forcing: prompt + target submitted as one prompt).
 PROMPT_LEN_ARG = "memserve_prompt_len"
+# Extra per-request argument forcing the route: -1 = serve the base model (no edit), k = use slot k.
+ROUTE_ARG = "memserve_route"
+NOT_FORCED = -2
 
 
 @dataclass
@@ -48,6 +51,7 @@ class BatchPlan:
     starts: np.ndarray  # [R + 1] token offsets (query_start_loc)
     first_pos: np.ndarray  # [R] sequence position of each request's first scheduled token
     prompt_lens: np.ndarray  # [R] routing prompt length of each request
+    forced_routes: np.ndarray | None = None  # [R] route fixed by the caller, NOT_FORCED otherwise
 
 
 @dataclass
@@ -126,6 +130,14 @@ class MemoryRuntime:
                 return RouteInfo(state.route, self.memory.route_label(state.route), state.score)
         return self.recent.get(req_id)
 
+    def memory_slots(self) -> int:
+        """Number of routable slots (MEMOIR: edits; WISE: memories incl. the side memory)."""
+        masks = getattr(self.memory, "masks", None)
+        if masks is not None:
+            return int(masks.shape[0])
+        candidates = getattr(self.memory, "_candidates", None)
+        return int(candidates()[1].numel()) if candidates else self.memory.num_edits
+
     # --- the forward ------------------------------------------------------------------------------
     @torch.no_grad()
     def apply(self, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -146,6 +158,11 @@ class MemoryRuntime:
             state = self.states.get(rid)
             if state is None:
                 state = self.states[rid] = RequestRoute(prompt_len=int(plan.prompt_lens[i]))
+                forced = NOT_FORCED if plan.forced_routes is None else int(plan.forced_routes[i])
+                if forced != NOT_FORCED:
+                    if not NO_ROUTE <= forced < self.memory_slots():
+                        raise ValueError(f"memserve: forced route {forced} is not a memory slot")
+                    state.route, state.score = forced, float("nan")
             states.append(state)
             s, e = int(starts[i]), int(starts[i + 1])
             p0, plen = int(plan.first_pos[i]), state.prompt_len

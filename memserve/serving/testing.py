@@ -58,12 +58,8 @@ def cached_store(count: int, method: str = "memoir") -> Path:
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if Store.exists(path):
-            try:
-                with Store.open(path) as store:
-                    if store.num_edits == count:
-                        return path
-            except Exception:  # noqa: BLE001 - unreadable (older format): rebuild
-                pass
+            if _loadable(path, count):
+                return path
             shutil.rmtree(path)
         staging = path.with_name(path.name + ".building")
         shutil.rmtree(staging, ignore_errors=True)
@@ -73,6 +69,22 @@ def cached_store(count: int, method: str = "memoir") -> Path:
         runner.store.close()
         staging.rename(path)
         return path
+
+
+def _loadable(path: Path, count: int) -> bool:
+    """The store opens, has `count` edits and the current memory code can rebuild it."""
+    import torch
+
+    from memserve.editor import load_memory
+    from memserve.store import Store
+
+    try:
+        with Store.open(path) as store:
+            m = store.manifest
+            load_memory(store, torch.zeros(m["hidden_size"], m["intermediate_size"]))
+            return store.num_edits == count
+    except Exception:  # noqa: BLE001 - unreadable or written by an older memory layout: rebuild
+        return False
 
 
 def empty_store(path: Path, method: str = "memoir") -> Path:

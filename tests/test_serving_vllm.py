@@ -2,8 +2,8 @@
 
 One in-process fp32 eager engine for the module, deliberately starved so every hard case of the flat
 batch occurs in the same run: a 64-token step budget (prompts are split into prefill chunks that
-share steps with other requests' decodes), 32-token KV blocks and a small block pool (requests are
-preempted and recomputed). Edited prompts, their rephrases and unrelated prompts go in ONE batch.
+share steps with other requests' decodes), 32-token KV blocks and a small block pool of 6 x 32 tokens (requests
+are preempted and recomputed). Edited prompts, their rephrases and unrelated prompts go in ONE batch.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ UNRELATED = [
     "Name three primary colors.",
     "Who was the first person to walk on the Moon?",
     "Translate 'good morning' into French.",
+    "Here is a short story about a lighthouse keeper who lived alone on a rocky island far from the coast, "
+    "and every night he climbed the stairs to light the lamp. Continue the story:",
 ]
 
 
@@ -82,7 +84,7 @@ def engine(store, reference):
     from memserve.serving.offline import VllmEditedModel
 
     model = VllmEditedModel(
-        store, max_num_batched_tokens=64, block_size=32, num_gpu_blocks_override=12, max_num_seqs=64, max_model_len=256,
+        store, max_num_batched_tokens=64, block_size=32, num_gpu_blocks_override=6, max_num_seqs=64, max_model_len=128,
     )
     yield model
     del model
@@ -110,6 +112,8 @@ def test_generate_matches_reference_in_one_mixed_batch(engine, reference, prompt
     assert sum(r >= 0 for r in routes[: len(facts)]) >= len(facts) * 0.9
     assert all(r == -1 for r in routes[-len(UNRELATED):])
     assert runtime.recomputes > recomputes_before, "no preemption happened; tighten the KV budget"
+    print(f"\n{len(texts)} prompts, {sum(r >= 0 for r in routes)} routed to an edit, "
+          f"{runtime.recomputes - recomputes_before} recomputed chunks, {runtime.steps} forwards")
 
 
 def test_teacher_forced_argmax_matches_reference(engine, reference):

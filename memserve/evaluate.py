@@ -8,8 +8,8 @@
 - Gen-acc (extra): the greedy answer to the bare prompt contains the target.
 - Routing: how often an edit prompt / rephrase reaches its own edit and a locality prompt reaches none.
 
-A backend scores token sequences; `HFBackend` is the transformers reference. The vLLM backend lives
-with the serving code and has the same two methods.
+A backend scores token sequences; `HFBackend` is the transformers reference. The vLLM backend
+(`memserve.serving.vllm_backend`) has the same two methods.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def evaluate(edited: EditedModel, backend: Backend, facts: list[Fact], edit_ids:
         else:
             value = sum(p == t for p, t in zip(scored.predicted, answer)) / len(answer)
             hits[kind].append(edit_ids[i] is not None and scored.route == edit_ids[i])
-            if kind == "rel":
+            if kind == "rel" and scored.logprobs:
                 nll.append(-sum(scored.logprobs) / len(scored.logprobs))
         per_fact[kind][i].append(value)
 
@@ -131,7 +131,7 @@ def evaluate(edited: EditedModel, backend: Backend, facts: list[Fact], edit_ids:
             "rephrase_to_own_edit": mean(hits["gen"]),
             "locality_to_no_edit": mean(hits["loc"]),
         },
-        "backend": backend.name,
+        "backend": getattr(backend, "name", "vllm"),
     }
     if generation:
         prompts = [edited.encode(f.prompt) for f in facts]
@@ -143,7 +143,7 @@ def evaluate(edited: EditedModel, backend: Backend, facts: list[Fact], edit_ids:
 
 
 def evaluate_store(store_path, facts: list[Fact], backend: str = "hf", generation: bool = True) -> dict:
-    """Open a store read-only with its base model and evaluate `facts` on its final model."""
+    """Evaluate `facts` on the final model of the store at `store_path` (opened read-only)."""
     from memserve.store import Store
 
     from .editor import load_memory, store_model_dir
@@ -151,26 +151,18 @@ def evaluate_store(store_path, facts: list[Fact], backend: str = "hf", generatio
 
     if backend not in ("hf", "vllm"):
         raise ValueError(f"unknown backend {backend!r}; choose hf or vllm")
-    with Store.open(store_path, readonly=True) as store:
-        return _evaluate_open_store(store, store_path, facts, backend, generation)
-
-
-def _evaluate_open_store(store, store_path, facts, backend, generation) -> dict:
-    from .editor import load_memory, store_model_dir
-    from .models import down_proj, load_model
-
-    manifest = store.manifest
-    model, tokenizer = load_model(store_model_dir(store))
-    base = down_proj(model, manifest["layer"]).weight
-    edited = EditedModel(model, tokenizer, load_memory(store, base), manifest["layer"])
+    with Store.open(store_path, readonly=True) as store:  # closed before a vLLM engine opens it
+        manifest, edits = store.manifest, store.num_edits
+        model, tokenizer = load_model(store_model_dir(store))
+        base = down_proj(model, manifest["layer"]).weight
+        edited = EditedModel(model, tokenizer, load_memory(store, base), manifest["layer"])
+        edit_ids = [store.find(f.key) for f in facts]
     if backend == "hf":
         runner: Backend = HFBackend(edited)
     else:
-        from .serving import VLLMBackend
+        from .serving import vllm_backend
 
-        runner = VLLMBackend(str(store_path))
-    edit_ids = [store.find(f.key) for f in facts]
+        runner = vllm_backend(str(store_path))
     result = evaluate(edited, runner, facts, edit_ids, generation=generation)
-    result["method"] = manifest["method"]
-    result["edits_in_store"] = store.num_edits
+    result.update(method=manifest["method"], edits_in_store=edits, backend=backend)
     return result

@@ -25,6 +25,7 @@ class RouteState:
     answer_mask: torch.Tensor  # [B, T] bool
     routes: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    mean_stats: torch.Tensor | None = None  # [B, D], each row's prompt mean statistic
 
 
 class MemoryDownProj(nn.Module):
@@ -47,12 +48,14 @@ class MemoryDownProj(nn.Module):
             return out
         batch, length, width = a.shape
         if state.routes is None:
-            state.routes, state.scores = self.memory.route(mean_prompt_stats(self.memory, a, state.prompt_mask))
+            state.mean_stats = mean_prompt_stats(self.memory, a, state.prompt_mask)
+            state.routes, state.scores = self.memory.route(state.mean_stats)
             apply = state.answer_mask
         else:  # a decode step: every new token belongs to the answer span
             apply = torch.ones(batch, length, dtype=torch.bool)
         token_routes = torch.where(apply, state.routes[:, None], NO_ROUTE).reshape(-1)
-        return out + self.memory.delta(a.reshape(-1, width), token_routes).reshape(batch, length, -1)
+        context = state.mean_stats[:, None].expand(batch, length, -1).reshape(batch * length, -1)
+        return out + self.memory.delta(a.reshape(-1, width), token_routes, context).reshape(batch, length, -1)
 
 
 class EditedModel:
@@ -85,12 +88,13 @@ class EditedModel:
         attention = torch.zeros(len(sequences), length, dtype=torch.bool)
         prompt_mask = torch.zeros_like(attention)
         answer_mask = torch.zeros_like(attention)
+        act_on_all = self.memory.config.act_on == "all"
         for row, (seq, plen) in enumerate(zip(sequences, prompt_lens)):
             start = length - len(seq) if left else 0
             ids[row, start : start + len(seq)] = torch.tensor(seq)
             attention[row, start : start + len(seq)] = True
             prompt_mask[row, start : start + plen] = True
-            answer_mask[row, start + plen - 1 : start + len(seq)] = True
+            answer_mask[row, start if act_on_all else start + plen - 1 : start + len(seq)] = True
         return ids, attention, prompt_mask, answer_mask
 
     @torch.no_grad()

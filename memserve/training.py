@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .facts import Fact
 from .hf import EditedModel
-from .methods import EditExamples, EditSession
+from .methods import EditExamples, EditSession, mean_prompt_stats
 
 PREFIX_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 PREFIX_LENGTHS = (5, 10)
@@ -97,6 +97,7 @@ class Prepared:
 
     ids: torch.Tensor
     examples: EditExamples
+    row_stats: torch.Tensor  # [S, D] each row's prompt mean statistic (the memory's `context`)
     hidden: torch.Tensor  # residual stream after layer L, memory off
     upper_inputs: list[torch.Tensor]  # input of each layer above L, memory off
     apply_rows: torch.Tensor  # in-scope answer-span positions, where the memory acts
@@ -119,7 +120,8 @@ def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:
                 cols.append(pos - 1)
                 targets.append(seq[pos])
     examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope)
-    return Prepared(ids, examples, hidden, uppers, apply_rows, apply_cols, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
+    row_stats = mean_prompt_stats(edited.memory, a, prompt_mask)
+    return Prepared(ids, examples, row_stats, hidden, uppers, apply_rows, apply_cols, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -168,6 +170,7 @@ class FastStepper:
         self.attend = (torch.arange(length)[None, None, :] <= self.slab[:, :, None]).unsqueeze(1)
         self.hidden = prepared.hidden[self.slab_rows, self.slab]
         self.a_slab = ex.a[self.slab_rows, self.slab]
+        self.context = prepared.row_stats[self.slab_rows].flatten(0, 1)
         self.cache = self._base_keys_values(prepared, rows, cos, sin)
         # Target logits: slab offset j predicts the token after position slab[j].
         target_pos = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(prepared.target_rows, prepared.target_cols))}
@@ -202,7 +205,8 @@ class FastStepper:
 
     def target_logits(self, session: EditSession) -> torch.Tensor:
         base = self.edited.model.model
-        hidden = self.hidden + session.delta(self.a_slab.flatten(0, 1)).unflatten(0, self.slab.shape).to(self.hidden.dtype)
+        delta = session.delta(self.a_slab.flatten(0, 1), self.context).unflatten(0, self.slab.shape)
+        hidden = self.hidden + delta.to(self.hidden.dtype)
         for layer, (keys, values) in zip(self.layers, self.cache):
             hidden = self._layer(layer, hidden, keys, values)
         return self.edited.model.lm_head(base.norm(hidden[self.target_slab]))
@@ -219,7 +223,7 @@ class NaiveStepper:
 
         def add_delta(_module, args, output):
             a = args[0]
-            delta = session.delta(a[p.apply_rows, p.apply_cols]).to(output.dtype)
+            delta = session.delta(a[p.apply_rows, p.apply_cols], p.row_stats[p.apply_rows]).to(output.dtype)
             return output.index_put((p.apply_rows, p.apply_cols), delta, accumulate=True)
 
         handle = self.edited.proj.register_forward_hook(add_delta)
@@ -253,12 +257,11 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
     loss_value, steps = float("nan"), 0
     for steps in range(1, cfg.steps + 1):
         logits = stepper.target_logits(session)
-        loss = F.cross_entropy(logits.float(), prepared.target_ids)
+        target_loss = F.cross_entropy(logits.float(), prepared.target_ids)
         aux = session.aux_loss(prepared.examples)
-        if aux is not None:
-            loss = loss + aux
-        loss_value = float(loss.detach())
-        if loss_value <= cfg.stop_loss:
+        loss = target_loss if aux is None else target_loss + aux
+        loss_value = float(target_loss.detach())
+        if session.done(loss_value, 0.0 if aux is None else float(aux.detach())):
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -8,7 +8,8 @@ A request is routed once, from its prompt, and keeps that route for every token 
 1. `token_stats(a)` turns each prompt token's down-projection input `a` into a statistic;
 2. the caller averages those statistics over the prompt (in vLLM: across prefill chunks);
 3. `route(mean_stats)` picks the memory slot for the request, or -1 for "no edit applies";
-4. `delta(a, routes)` is the memory's contribution, added to the base output `W a`.
+4. `delta(a, routes, context)` is the memory's contribution, added to the base output `W a`;
+   `context` holds each token's request mean statistic (a method may read it, MEMOIR can).
 
 The memory acts only on the answer span: the last prompt token (which predicts the first answer
 token) and every token after it. Prompt tokens before it always see the base model, so their KV
@@ -39,6 +40,9 @@ class MethodConfig:
     grad_clip: float | None = 1.0
     stop_loss: float = 0.02  # early stop once the target loss is this low
     seed: int = 0
+    # Where the memory acts: "answer" (last prompt token onwards; prompt KV is route-independent)
+    # or "all" (every token, as in the papers' reference code).
+    act_on: str = "answer"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,12 +77,17 @@ class EditSession:
     def parameters(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def delta(self, a: torch.Tensor) -> torch.Tensor:
-        """Memory output for the edit's own tokens ([N, I] -> [N, H]) under training."""
+    def delta(self, a: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Memory output for the edit's own tokens ([N, I] -> [N, H]) under training; `context` is
+        each token's row mean statistic, as in `EditMemory.delta`."""
         raise NotImplementedError
 
     def aux_loss(self, examples: EditExamples) -> torch.Tensor | None:
         return None
+
+    def done(self, target_loss: float, aux_loss: float) -> bool:
+        """Early stop: the edit is learned well enough."""
+        raise NotImplementedError
 
     def after_step(self) -> None:
         pass
@@ -112,7 +121,8 @@ class EditMemory(nn.Module):
         """[B, D] -> (routes [B] long, NO_ROUTE where nothing applies; scores [B])."""
         raise NotImplementedError
 
-    def delta(self, a: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+    def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, I], [N] (, [N, D]) -> [N, H]."""
         raise NotImplementedError
 
     def route_label(self, route: int) -> str:

@@ -32,6 +32,10 @@ class MemoirConfig(MethodConfig):
     # Feed the memory `a - background` instead of the raw `a` (the paper's choice). Activations share
     # a large common component; removing it makes edits that share mask columns interfere less.
     decentre_input: bool = False
+    # Add the request's decentred prompt mean to every token's memory input. On the answer span the
+    # token activations of different questions look alike (all end in "?"); the prompt mean is what
+    # tells them apart (it is also what TopHash routes on), so edits sharing columns collide less.
+    prompt_context: bool = False
 
 
 class MemoirMemory(EditMemory):
@@ -82,17 +86,24 @@ class MemoirMemory(EditMemory):
         routes = torch.where(best_score >= self.config.tau, best, torch.full_like(best, NO_ROUTE))
         return routes, best_score
 
-    def delta(self, a: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+    def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         out = a.new_zeros(a.shape[0], self.hidden_size)
         rows = (routes >= 0).nonzero().squeeze(1)
         if rows.numel():
-            masked = self.memory_input(a[rows]) * self.masks[routes[rows]]
+            ctx = None if context is None else context[rows]
+            masked = self.memory_input(a[rows], ctx) * self.masks[routes[rows]]
             out[rows] = (masked @ self.residual.T).to(a.dtype)
         return out
 
-    def memory_input(self, a: torch.Tensor) -> torch.Tensor:
-        a = a.to(self.residual.dtype)
-        return a - self.background if self.config.decentre_input else a
+    def memory_input(self, a: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """What Wm reads for each token: `a` (the paper), optionally decentred and/or with the
+        request's decentred prompt mean (`context`, the mean of `token_stats` over its prompt)."""
+        x = a.to(self.residual.dtype)
+        if self.config.decentre_input:
+            x = x - self.background
+        if self.config.prompt_context:
+            x = x + (context.to(x.dtype) - self.background)
+        return x
 
     def route_label(self, route: int) -> str:
         return "none" if route < 0 else f"edit-{route}"
@@ -126,8 +137,11 @@ class MemoirSession(EditSession):
     def parameters(self) -> list[torch.Tensor]:
         return [self.weight]
 
-    def delta(self, a: torch.Tensor) -> torch.Tensor:
-        return self.memory.memory_input(a)[:, self.columns] @ self.weight.T
+    def delta(self, a: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.memory.memory_input(a, context)[:, self.columns] @ self.weight.T
+
+    def done(self, target_loss: float, aux_loss: float) -> bool:
+        return target_loss <= self.memory.config.stop_loss
 
     def finish(self) -> dict[str, Any]:
         memory = self.memory

@@ -110,7 +110,7 @@ class WiseMemory(EditMemory):
         routes = torch.where(eligible.any(-1), best, torch.full_like(best, NO_ROUTE))
         return routes, mean_stats.max(dim=-1).values
 
-    def delta(self, a: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+    def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         out = a.new_zeros(a.shape[0], self.hidden_size)
         deltas, _ = self._candidates()
         for route in routes[routes >= 0].unique().tolist():
@@ -180,7 +180,7 @@ class WiseSession(EditSession):
     def parameters(self) -> list[torch.Tensor]:
         return [self.side]
 
-    def delta(self, a: torch.Tensor) -> torch.Tensor:
+    def delta(self, a: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return a.float() @ (self.side - self.memory.base_weight).T
 
     def aux_loss(self, examples: EditExamples) -> torch.Tensor:
@@ -191,6 +191,9 @@ class WiseSession(EditSession):
         if s_out.numel():
             loss = loss + F.relu(s_out - cfg.alpha).mean() + F.relu(s_out[:, None] - s_in[None, :] + cfg.gamma).mean()
         return loss
+
+    def done(self, target_loss: float, aux_loss: float) -> bool:
+        return target_loss + aux_loss <= self.memory.config.stop_loss
 
     def after_step(self) -> None:
         with torch.no_grad():

@@ -13,9 +13,11 @@ from .conftest import FACTS, tiny_config
 FACT_OBJECTS = [Fact(f["prompt"], f["target"], tuple(f["rephrases"]), tuple((l["prompt"], l["answer"]) for l in f["locality"])) for f in FACTS]
 
 
-@pytest.mark.parametrize("method", ["memoir", "wise"])
-def test_fast_step_matches_naive_step(tmp_path, tiny_model_dir, method):
-    runner = open_session(tmp_path / "s", tiny_model_dir, method=method, config=tiny_config(method))
+@pytest.mark.parametrize("method, extra", [
+    ("memoir", {"prompt_context": False}), ("memoir", {"prompt_context": True}), ("memoir", {"act_on": "all"}), ("wise", {}),
+])
+def test_fast_step_matches_naive_step(tmp_path, tiny_model_dir, method, extra):
+    runner = open_session(tmp_path / "s", tiny_model_dir, method=method, config=tiny_config(method, **extra))
     edited = runner.edited
     batch = edit_batch(edited, FACT_OBJECTS[0], runner.prefixes, ("Something unrelated.", ""))
     prepared = prepare(edited, batch)

@@ -213,7 +213,9 @@ def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
         state = runner.requests[rid]
         params = state.sampling_params
         extra = (params.extra_args or {}) if params is not None else {}
-        prompt_lens[i] = int(extra.get(PROMPT_LEN_ARG) or state.num_prompt_tokens)
+        override = extra.get(PROMPT_LEN_ARG)
+        n_prompt = state.num_prompt_tokens
+        prompt_lens[i] = n_prompt if override is None else min(max(1, int(override)), n_prompt)
         if extra.get(ROUTE_ARG) is not None:
             forced[i] = int(extra[ROUTE_ARG])
     return BatchPlan(req_ids, starts, first_pos, prompt_lens, forced)

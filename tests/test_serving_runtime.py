@@ -147,6 +147,21 @@ def test_forced_route():
         runtime.apply(torch.zeros(5, H), prompts[0])
 
 
+def test_act_on_all_whole_prompt_chunk():
+    """act_on="all": a prompt prefilled in one chunk gets the memory on every token (exact)."""
+    memory, prompts = make_memoir()
+    memory.config.act_on = "all"
+    runtime = MemoryRuntime(memory)
+    seq = prompts[2]
+    runtime.begin_step(BatchPlan(["r"], np.array([0, seq.shape[0]]), np.array([0]), np.array([seq.shape[0]])))
+    out = runtime.apply(torch.zeros(seq.shape[0], H), seq)
+    torch.testing.assert_close(out, memory.delta(seq, torch.full((seq.shape[0],), 2)))
+    assert runtime.inexact == 0
+    runtime2 = MemoryRuntime(memory)
+    run_schedule(runtime2, {"r": seq}, {"r": seq.shape[0]}, [[("r", 0, 4)], [("r", 4, seq.shape[0] - 4)]])
+    assert runtime2.inexact == 1
+
+
 def test_empty_memory_and_no_plan_are_identity():
     memory = MemoirMemory(MemoirConfig(top_k=16), torch.randn(H, I))
     runtime = MemoryRuntime(memory)

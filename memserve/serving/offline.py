@@ -37,6 +37,17 @@ def resolve_store_model(store: str | os.PathLike | None, model: str | os.PathLik
         store_obj.close()
 
 
+def store_acts_on_all(store: str | os.PathLike | None) -> bool:
+    """The store's method acts on every token (config act_on="all"): prompts must not be chunked."""
+    store_obj, manifest = open_store_manifest(str(store) if store else None)
+    if store_obj is None:
+        return False
+    try:
+        return store_obj.num_edits > 0 and manifest.get("config", {}).get("act_on", "answer") == "all"
+    finally:
+        store_obj.close()
+
+
 def engine_kwargs(
     store: str | os.PathLike | None,
     model: str | os.PathLike | None = None,
@@ -58,6 +69,8 @@ def engine_kwargs(
         enable_prefix_caching=not has_edits,
         max_model_len=2048,
     )
+    if store_acts_on_all(store):
+        kwargs["enable_chunked_prefill"] = False  # the route must be known before any prompt token runs
     kwargs.update(overrides)
     return kwargs
 

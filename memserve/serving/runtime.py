@@ -64,6 +64,7 @@ class RequestRoute:
     complete: bool = True  # False if some prompt positions were never computed (cannot route exactly)
     prompt_len: int = 0
     end_pos: int = 0  # one past the highest position processed so far
+    mean_stats: torch.Tensor | None = None  # the prompt mean routed on: the memory's `context`
 
 
 @dataclass
@@ -94,6 +95,11 @@ class MemoryRuntime:
         self._warned_gap = False
         self.steps = 0  # forwards that went through `apply` with a plan (for tests / diagnostics)
         self.recomputes = 0  # chunks that re-ran already processed positions (preemption)
+        # act_on="all" (memory on every token, as in the papers' code): prompt chunks processed before
+        # the route was known got the base output; exact only if each prompt is prefilled in one chunk
+        # (serve with chunked prefill off). Counted here and warned about once.
+        self.act_on_all = getattr(memory.config, "act_on", "answer") == "all"
+        self.inexact = 0
 
     @property
     def active(self) -> bool:
@@ -181,6 +187,12 @@ class MemoryRuntime:
                 state.next_pos = hi
             if end_pos >= plen:
                 deciders.append(i)
+                if self.act_on_all and p0 > 0:
+                    self.inexact += 1
+                    if self.inexact == 1:
+                        logger.warning(
+                            "memserve: act_on='all' but request %s was prefilled in chunks; its earlier prompt "
+                            "chunks saw the base model. Disable chunked prefill for exact results.", rid)
 
         if stat_rows:
             rows = torch.cat(stat_rows)
@@ -206,20 +218,26 @@ class MemoryRuntime:
             if routable:
                 means = torch.stack([states[i].stats_sum / states[i].count for i in routable])
                 routes, scores = memory.route(means)
-                for i, route, score in zip(routable, routes.tolist(), scores.tolist()):
+                for i, route, score, mean in zip(routable, routes.tolist(), scores.tolist(), means):
                     states[i].route, states[i].score = int(route), float(score)
                     states[i].stats_sum = None  # no longer needed
+                    states[i].mean_stats = mean if route >= 0 else None
 
         token_routes = torch.full((a.shape[0],), NO_ROUTE, dtype=torch.long)
-        any_route = False
+        spans = []
         for i, state in enumerate(states):
             if state.route is None or state.route < 0:
                 continue
             s, e = int(starts[i]), int(starts[i + 1])
-            first = s + max(0, state.prompt_len - 1 - int(plan.first_pos[i]))
+            first = s if self.act_on_all else s + max(0, state.prompt_len - 1 - int(plan.first_pos[i]))
             if first < e:
                 token_routes[first:e] = state.route
-                any_route = True
-        if not any_route:
+                spans.append((first, e, state.mean_stats))
+        if not spans:
             return out
-        return out + memory.delta(a, token_routes).to(out.dtype)
+        context = None
+        if all(mean is not None for _, _, mean in spans):  # None only for forced routes
+            context = torch.zeros(a.shape[0], spans[0][2].shape[-1])
+            for first, e, mean in spans:
+                context[first:e] = mean
+        return out + memory.delta(a, token_routes, context).to(out.dtype)

@@ -27,7 +27,7 @@ from typing import Sequence
 from fastapi import Request  # module level: FastAPI resolves the endpoint's (string) annotations here
 
 from .plugin import hf_overrides_json, register
-from .offline import resolve_store_model
+from .offline import resolve_store_model, store_acts_on_all
 
 logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log handler
 
@@ -71,6 +71,9 @@ def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_arg
     if has_edits and not _has_option(engine_args, "--enable-prefix-caching", "--no-enable-prefix-caching"):
         logger.info("memserve: prefix caching disabled (the store has edits; routes depend on every prompt token)")
         argv += ["--no-enable-prefix-caching"]
+    if store_acts_on_all(store) and not _has_option(engine_args, "--enable-chunked-prefill", "--no-enable-chunked-prefill"):
+        logger.info("memserve: chunked prefill disabled (the store's memory acts on prompt tokens too)")
+        argv += ["--no-enable-chunked-prefill"]
     if not _has_option(engine_args, "--worker-extension-cls"):
         argv += ["--worker-extension-cls", WORKER_EXTENSION]
     if not _has_option(engine_args, "--max-model-len"):

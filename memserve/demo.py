@@ -1,4 +1,4 @@
-"""`memserve demo`: edit a few bundled facts, then ask the questions before and after."""
+"""`memserve demo`: edit a few bundled facts, serve the store with vLLM, ask before and after."""
 
 from __future__ import annotations
 
@@ -16,22 +16,28 @@ UNRELATED = "What is the largest ocean on Earth?"
 
 def run_demo(store: Path) -> None:
     console = Console()
-    facts_path = resources.files("memserve").joinpath("data/demo_facts.jsonl")
-    with resources.as_file(facts_path) as path:
+    with resources.as_file(resources.files("memserve").joinpath("data/demo_facts.jsonl")) as path:
         facts, _ = read_facts(path)
     console.print(f"Editing {len(facts)} facts into {store} (MEMOIR, embedded SmolLM2-135M-Instruct)...")
     runner = open_session(store, facts=facts)
     report = runner.apply(facts)
-    console.print(f"{report.added} new edits, {report.skipped} already in the store.")
-    edited = runner.edited
+    tokenizer = runner.edited.tokenizer
+    runner.store.close()
+    console.print(f"{report.added} new edits, {report.skipped} already in the store. Starting vLLM on the store...")
+
+    from .serving import vllm_backend
+
+    engine = vllm_backend(str(store))
     questions = [f.prompt for f in facts] + [f.rephrases[0] for f in facts if f.rephrases] + [UNRELATED]
-    prompts = [edited.encode(q) for q in questions]
-    base, _ = edited.generate(prompts, 16, use_memory=False)
-    new, routes = edited.generate(prompts, 16)
-    table = Table(title="Greedy answers, base model vs edited model")
-    for column in ("question", "base", "edited", "route"):
+    prompts = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in questions]
+    base, _ = engine.generate(prompts, 16, use_memory=False)
+    edited, routes = engine.generate(prompts, 16)
+    labels = engine.route_labels(routes)
+    table = Table(title="Greedy answers through vLLM: base model vs edited model")
+    for column in ("question", "base", "edited", "edit used"):
         table.add_column(column)
-    decode = lambda ids: edited.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-    for question, b, n, r in zip(questions, base, new, routes.tolist()):
-        table.add_row(question, decode(b), decode(n), edited.memory.route_label(r))
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    for question, b, n, label in zip(questions, base, edited, labels):
+        table.add_row(question, decode(b), decode(n), label)
     console.print(table)
+    console.print(f"Serve it over HTTP (OpenAI API): .venv/bin/memserve serve --store {store}")

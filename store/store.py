@@ -79,6 +79,13 @@ class Store:
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: cannot open store: {exc}") from None
         try:
+            self._load_manifest()
+        except BaseException:
+            self.env.close()  # a failed open must not keep the environment (LMDB allows one per process)
+            raise
+
+    def _load_manifest(self) -> None:
+        try:
             self._dbs = {name: self.env.open_db(name.encode(), create=False) for name in DATABASES}
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: not a memserve store ({exc})") from None

@@ -22,9 +22,8 @@ from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig
 class MemoirConfig(MethodConfig):
     layer: int = 22
     top_k: int = 440  # active input features per mask (paper: 4096 of 14336 ≈ 28.6%)
-    tau: float = 0.55  # minimum mask overlap for a query to use an edit
+    tau: float = 0.5  # minimum mask overlap for a query to use an edit
     steps: int = 30
-    grad_clip: float | None = 1.0
     # Weight decay only touches the edit's own columns (the reference decays all of Wm, slowly
     # eroding earlier edits).
     weight_decay: float = 1e-5
@@ -35,7 +34,7 @@ class MemoirConfig(MethodConfig):
     # Add the request's decentred prompt mean to every token's memory input. On the answer span the
     # token activations of different questions look alike (all end in "?"); the prompt mean is what
     # tells them apart (it is also what TopHash routes on), so edits sharing columns collide less.
-    prompt_context: bool = False
+    prompt_context: bool = True
 
 
 class MemoirMemory(EditMemory):
@@ -101,7 +100,7 @@ class MemoirMemory(EditMemory):
         x = a.to(self.residual.dtype)
         if self.config.decentre_input:
             x = x - self.background
-        if self.config.prompt_context:
+        if self.config.prompt_context and context is not None:  # None: a route forced without a prompt
             x = x + (context.to(x.dtype) - self.background)
         return x
 

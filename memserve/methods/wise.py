@@ -28,8 +28,7 @@ from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig
 @dataclass
 class WiseConfig(MethodConfig):
     layer: int = 22
-    steps: int = 70
-    grad_clip: float | None = None
+    steps: int = 30
     mask_ratio: float = 0.2  # rho: share of W' entries one shard may change
     act_ratio: float = 0.88  # eps = act_ratio * (lowest in-scope score seen by the memory)
     alpha: float = 5.0  # out-of-scope scores pushed below alpha

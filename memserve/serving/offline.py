@@ -122,11 +122,14 @@ class VllmEditedModel:
         return self.llm.apply_model(labels)[0]
 
     # --- inference ------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
-        """Greedy continuations (stopped at EOS, which is not included) and the route of each prompt."""
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, use_memory: bool = True,
+    ) -> tuple[list[list[int]], list[int]]:
+        """Greedy continuations (stopped at EOS, which is not included) and the route of each prompt
+        (`use_memory=False`: the base model)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, extra_args=None if use_memory else {ROUTE_ARG: -1})
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         eos = self.llm.get_tokenizer().eos_token_id

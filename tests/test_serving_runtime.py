@@ -34,10 +34,11 @@ def reference(memory, seq: torch.Tensor, plen: int) -> tuple[torch.Tensor, int]:
     """Delta over a whole sequence [T, I] routed from its first plen tokens (the hf.py rule)."""
     prompt_mask = torch.zeros(1, seq.shape[0], dtype=torch.bool)
     prompt_mask[0, :plen] = True
-    routes, _ = memory.route(mean_prompt_stats(memory, seq[None], prompt_mask))
+    stats = mean_prompt_stats(memory, seq[None], prompt_mask)
+    routes, _ = memory.route(stats)
     token_routes = torch.full((seq.shape[0],), NO_ROUTE, dtype=torch.long)
     token_routes[plen - 1 :] = routes[0]
-    return memory.delta(seq, token_routes), int(routes[0])
+    return memory.delta(seq, token_routes, stats.expand(seq.shape[0], -1)), int(routes[0])
 
 
 def run_schedule(runtime: MemoryRuntime, seqs: dict[str, torch.Tensor], plens: dict[str, int], steps):
@@ -155,7 +156,8 @@ def test_act_on_all_whole_prompt_chunk():
     seq = prompts[2]
     runtime.begin_step(BatchPlan(["r"], np.array([0, seq.shape[0]]), np.array([0]), np.array([seq.shape[0]])))
     out = runtime.apply(torch.zeros(seq.shape[0], H), seq)
-    torch.testing.assert_close(out, memory.delta(seq, torch.full((seq.shape[0],), 2)))
+    context = seq.mean(0, keepdim=True).expand(seq.shape[0], -1)  # the request's prompt mean
+    torch.testing.assert_close(out, memory.delta(seq, torch.full((seq.shape[0],), 2), context))
     assert runtime.inexact == 0
     runtime2 = MemoryRuntime(memory)
     run_schedule(runtime2, {"r": seq}, {"r": seq.shape[0]}, [[("r", 0, 4)], [("r", 4, seq.shape[0] - 4)]])

@@ -9,6 +9,7 @@ on the same store), so a store trained by an older version of the core is still 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +29,7 @@ FACTS = [
 def zsre_facts(limit: int):
     from memserve.facts import read_facts
 
-    path = Path("/work/shared/data/zsre_dev.jsonl")
+    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "zsre_dev.jsonl"
     facts = []
     if path.exists():
         facts, _ = read_facts(path, skip_invalid=True)
@@ -46,6 +47,7 @@ def test_facts(count: int):
 def cached_store(count: int, method: str = "memoir") -> Path:
     """Path of a store holding `count` edits of `test_facts(count)` (built once, then reused)."""
     from memserve.editor import open_session
+    from memserve.methods import memory_class
     from memserve.models import prepare_default_model
     from memserve.store import Store
     from memserve.store.store import FORMAT_VERSION
@@ -54,7 +56,9 @@ def cached_store(count: int, method: str = "memoir") -> Path:
     root = cache_dir() / "test-stores"
     root.mkdir(parents=True, exist_ok=True)
     stamp = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0)
-    path = root / f"{method}-{count}-v{FORMAT_VERSION}-l{stamp}"
+    # A change of the method's default options makes a new fixture, so tests exercise the defaults.
+    defaults = json.dumps(memory_class(method).config_class().to_dict(), sort_keys=True)
+    path = root / f"{method}-{count}-v{FORMAT_VERSION}-l{stamp}-{hashlib.sha256(defaults.encode()).hexdigest()[:8]}"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if Store.exists(path):

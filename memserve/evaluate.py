@@ -6,7 +6,8 @@
   unedited model.
 - PPL: perplexity of the target (hallucination set), reported beside Rel.
 - Gen-acc (extra): the greedy answer to the bare prompt contains the target.
-- Routing: how often an edit prompt / rephrase reaches its own edit and a locality prompt reaches none.
+- Routing: how often an edit prompt / rephrase reaches its own edit (WISE: any memory) and a
+  locality prompt reaches none.
 
 A backend scores token sequences; `HFBackend` is the transformers reference. The vLLM backend
 (`memserve.serving.vllm_backend`) has the same two methods.
@@ -112,7 +113,10 @@ def evaluate(edited: EditedModel, backend: Backend, facts: list[Fact], edit_ids:
             hits["loc"].append(scored.route < 0)
         else:
             value = sum(p == t for p, t in zip(scored.predicted, answer)) / len(answer)
-            hits[kind].append(edit_ids[i] is not None and scored.route == edit_ids[i])
+            if edited.memory.routes_are_edits:
+                hits[kind].append(edit_ids[i] is not None and scored.route == edit_ids[i])
+            else:  # WISE routes to a memory holding many edits: being routed at all is the hit
+                hits[kind].append(edit_ids[i] is not None and scored.route >= 0)
             if kind == "rel" and scored.logprobs:
                 nll.append(-sum(scored.logprobs) / len(scored.logprobs))
         per_fact[kind][i].append(value)

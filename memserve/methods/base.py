@@ -104,6 +104,7 @@ class EditMemory(nn.Module):
 
     method: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    routes_are_edits: ClassVar[bool] = True  # route k is edit k (MEMOIR); else a memory slot (WISE)
 
     def __init__(self, config: MethodConfig, base_weight: torch.Tensor):
         super().__init__()

@@ -28,7 +28,8 @@ from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig
 @dataclass
 class WiseConfig(MethodConfig):
     layer: int = 22
-    steps: int = 30
+    lr: float = 0.02
+    steps: int = 60
     mask_ratio: float = 0.2  # rho: share of W' entries one shard may change
     act_ratio: float = 0.88  # eps = act_ratio * (lowest in-scope score seen by the memory)
     alpha: float = 5.0  # out-of-scope scores pushed below alpha
@@ -57,6 +58,7 @@ def ties_merge(task_vectors: torch.Tensor, density: float) -> torch.Tensor:
 class WiseMemory(EditMemory):
     method = "wise"
     config_class = WiseConfig
+    routes_are_edits = False
 
     def __init__(self, config: WiseConfig, base_weight: torch.Tensor):
         super().__init__(config, base_weight)

@@ -36,7 +36,7 @@ def run_demo(store: Path) -> None:
     table = Table(title="Greedy answers through vLLM: base model vs edited model")
     for column in ("question", "base", "edited", "edit used"):
         table.add_column(column)
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip() or "(ends at once)"  # noqa: E731
     for question, b, n, label in zip(questions, base, edited, labels):
         table.add_row(question, decode(b), decode(n), label)
     console.print(table)

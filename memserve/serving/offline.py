@@ -89,6 +89,9 @@ class VllmEditedModel:
 
     def __init__(self, store: str | os.PathLike | None, model: str | os.PathLike | None = None, **kwargs: Any):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_GIB)
+        # In-process engine: the route lookups below pass functions to the model (apply_model), which
+        # a separate engine process would only accept through pickle; it also starts faster.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         register()
         from vllm import LLM
 

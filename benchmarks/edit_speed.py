@@ -68,7 +68,7 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.boxplot([fast["seconds"], naive["seconds"]], labels=["optimised", "naive loop"])
+        ax.boxplot([fast["seconds"], naive["seconds"]], tick_labels=["optimised", "naive loop"])
         ax.set_ylabel("seconds per edit")
         ax.set_title(f"{args.method}: {len(facts)} ZsRE edits, speed-up x{result['speedup_median']:.1f} (median)")
         fig.tight_layout()

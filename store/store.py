@@ -213,30 +213,41 @@ class Store:
 
     def commit_edit(self, record: dict, key: torch.Tensor | None, tensors: dict[str, torch.Tensor]) -> int:
         """Store one edit together with the memory state it produced, atomically. Returns its id."""
+        return self.commit_edits([(record, key)], tensors)[0]
+
+    def commit_edits(self, edits: list[tuple[dict, torch.Tensor | None]], tensors: dict[str, torch.Tensor]) -> list[int]:
+        """Store several edits (record, key) and the memory state after the last one in ONE transaction:
+        bulk imports write the dense tensors once instead of once per edit. Each edit still gets its own
+        version. Returns their ids."""
+        ids = []
         try:
             with self.env.begin(write=True) as txn:
                 meta = self._dbs["meta"]
                 edit_id = int(txn.get(b"edits", db=meta))
-                version = int(txn.get(b"version", db=meta)) + 1
-                record = {**record, "id": edit_id, "version": version, "time": time.time()}
-                record["checksum"] = record_checksum(record)
-                txn.put(_edit_key(edit_id), _dumps(record), db=self._dbs["records"])
-                if key is not None:
-                    bits = np.packbits(key.detach().cpu().numpy().astype(np.uint8)).tobytes()
-                    txn.put(_edit_key(edit_id), bits, db=self._dbs["keys"])
-                if "fact_key" in record:
-                    txn.put(record["fact_key"].encode(), str(edit_id).encode(), db=self._dbs["facts"])
+                version = int(txn.get(b"version", db=meta))
+                for record, key in edits:
+                    version += 1
+                    record = {**record, "id": edit_id, "version": version, "time": time.time()}
+                    record["checksum"] = record_checksum(record)
+                    txn.put(_edit_key(edit_id), _dumps(record), db=self._dbs["records"])
+                    if key is not None:
+                        bits = np.packbits(key.detach().cpu().numpy().astype(np.uint8)).tobytes()
+                        txn.put(_edit_key(edit_id), bits, db=self._dbs["keys"])
+                    if "fact_key" in record:
+                        txn.put(record["fact_key"].encode(), str(edit_id).encode(), db=self._dbs["facts"])
+                    ids.append(edit_id)
+                    edit_id += 1
                 sums = json.loads(txn.get(b"tensor_sums", db=meta))
                 for name, tensor in tensors.items():
                     data = _tensor_bytes(tensor)
                     txn.put(name.encode(), data, db=self._dbs["tensors"])
                     sums[name] = _sha(data)
                 txn.put(b"tensor_sums", _dumps(sums), db=meta)
-                txn.put(b"edits", str(edit_id + 1).encode(), db=meta)
+                txn.put(b"edits", str(edit_id).encode(), db=meta)
                 txn.put(b"version", str(version).encode(), db=meta)
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: edit not stored: {exc}") from None
-        return edit_id
+        return ids
 
     # --- FAISS index over the routing keys ------------------------------------------------------
     def key_index(self, width: int):

@@ -74,3 +74,19 @@ def test_not_a_store(tmp_path):
     with pytest.raises(StoreError, match="already exists"):
         Store.create(tmp_path / "s", MANIFEST)
         Store.create(tmp_path / "s", MANIFEST)
+
+
+def test_bulk_commit_is_one_transaction_with_a_version_per_edit(tmp_path):
+    store = Store.create(tmp_path / "s", MANIFEST, {"residual": torch.zeros(2)})
+    store.commit_edit(record(0), None, {})
+    keys = torch.zeros(3, 64, dtype=torch.bool)
+    keys[:, :8] = True
+    assert store.commit_edits([(record(i), keys[i - 1]) for i in range(1, 4)], {"residual": torch.ones(2)}) == [1, 2, 3]
+    assert store.num_edits == 4 and store.version == 4
+    assert [r["version"] for r in store.records()] == [1, 2, 3, 4]
+    assert store.find("k3") == 3 and store.keys(64).shape == (3, 64)
+    assert torch.equal(store.tensors()["residual"], torch.ones(2))
+    with pytest.raises(Exception):
+        store.commit_edits([(record(4), None), (record(5), None)], {"residual": "not a tensor"})
+    assert store.num_edits == 4 and store.find("k4") is None
+    assert store.verify(width=64) == []

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -80,8 +81,12 @@ def edit(
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("editing", total=len(facts))
 
-        def advance(fact, status):
+        def advance(fact, status, record):
             progress.update(task, advance=1, description=f"{status}: {fact.prompt[:40]}")
+            # One line per fact: a `committed` line is printed only once the edit is durable.
+            state = "committed" if status == "added" else "already stored as"
+            replaces = f", supersedes edit {record['supersedes']}" if status == "added" and "supersedes" in record else ""
+            progress.console.print(f"{fact.where}: {state} edit {record['id']} (version {record['version']}{replaces})", highlight=False, soft_wrap=True)
 
         try:
             report = runner.apply(facts, progress=advance)
@@ -164,11 +169,11 @@ def model_prepare(force: bool = typer.Option(False, help="Rebuild even if cached
 
 
 @contextlib.contextmanager
-def _open_store(store: Path):
+def _open_store(store: Path, write: bool = False):
     from memserve.store import Store
 
     try:
-        opened = Store.open(store, readonly=not os.access(store, os.W_OK))
+        opened = Store.open(store, readonly=not write and not os.access(store, os.W_OK))
     except _user_errors() as exc:
         fail(str(exc))
     try:
@@ -224,6 +229,51 @@ def store_verify(store: Path = STORE_OPTION):
     if problems:
         raise typer.Exit(1)
     print(summary)
+
+
+@store_app.command("versions")
+def store_versions(store: Path = STORE_OPTION):
+    """The kept versions: what made each one and how many edits it had (* = current)."""
+    table = Table()
+    for column in ("version", "made by", "edits", "time", "rollback"):
+        table.add_column(column)
+    with _open_store(store) as opened:
+        current = opened.version
+        for entry in opened.versions():
+            made_by = {"edit": f"edit {entry['edits'] - 1}", "rollback": f"rollback to {entry.get('to')}"}.get(entry["op"], entry["op"])
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
+            mark = "*" if entry["version"] == current else ""
+            table.add_row(f"{entry['version']}{mark}", made_by, str(entry["edits"]), when, "yes" if entry["tensor_sums"] is not None else "no (bulk)")
+    Console().print(table)
+
+
+@store_app.command("rollback")
+def store_rollback(to: int = typer.Option(..., "--to", help="Version to return to (see `store versions`)."), store: Path = STORE_OPTION):
+    """Make an earlier version current again, as a new version (later edits stay recoverable)."""
+    with _open_store(store, write=True) as opened:
+        version = opened.rollback(to)
+        print(f"version {version}: the edits and memory of version {to} ({opened.num_edits} edits)")
+
+
+@store_app.command("export")
+def store_export(file: Path = typer.Argument(..., help="File to write (a tar: JSON header + compacted LMDB)."), store: Path = STORE_OPTION):
+    """Write the whole store (edits, memory, history) as one portable file."""
+    with _open_store(store) as opened:
+        header = opened.export(file)
+    print(f"{file}: {header['edits']} edits, version {header['version']}, {file.stat().st_size} bytes")
+
+
+@store_app.command("import")
+def store_import(file: Path = typer.Argument(..., help="A file written by `store export`."), store: Path = STORE_OPTION):
+    """Create a store from an exported file (checked before it appears at --store)."""
+    from memserve.store import Store
+
+    try:
+        with Store.import_file(file, store) as imported:
+            print(f"{store}: {imported.num_edits} edits, version {imported.version}")
+    except _user_errors() as exc:
+        fail(str(exc))
+
 
 
 def main() -> None:

@@ -86,13 +86,16 @@ class EditSessionRunner:
         self.prefixes: list[str] = store.manifest["prefixes"]
         self.out_of_scope = background_prompts()
 
-    def apply(self, facts: list[Fact], progress: Callable[[Fact, str], None] | None = None, naive: bool = False) -> EditReport:
+    def apply(self, facts: list[Fact], progress: Callable[[Fact, str, dict], None] | None = None, naive: bool = False) -> EditReport:
+        """Edit `facts` in order; `progress(fact, "added" | "skipped", record)` follows each one, an
+        added record being already committed."""
         report = EditReport()
         for fact in facts:
-            if self.store.find(fact.key) is not None:
+            stored = self.store.find(fact.key)
+            if stored is not None:
                 report.skipped += 1
                 if progress:
-                    progress(fact, "skipped")
+                    progress(fact, "skipped", self.store.record(stored))
                 continue
             negative = self.out_of_scope[self.store.num_edits % len(self.out_of_scope)]
             batch = edit_batch(self.edited, fact, self.prefixes, (negative, ""))
@@ -100,15 +103,15 @@ class EditSessionRunner:
             key = outcome.record.pop("key", None)
             payload = fact.to_dict()
             record = {
-                "fact_key": fact.key, "fact": payload, "content_hash": content_hash(payload),
+                "fact_key": fact.key, "prompt_key": fact.prompt_key, "fact": payload, "content_hash": content_hash(payload),
                 "loss": outcome.loss, "steps": outcome.steps, "seconds": outcome.seconds, **outcome.record,
             }
-            self.store.commit_edit(record, key, self.edited.memory.state_tensors())
+            edit_id = self.store.commit_edit(record, key, self.edited.memory.state_tensors())
             report.added += 1
             report.seconds.append(outcome.seconds)
             report.losses.append(outcome.loss)
             if progress:
-                progress(fact, "added")
+                progress(fact, "added", self.store.record(edit_id))
         report.total = self.store.num_edits
         return report
 

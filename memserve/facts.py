@@ -37,6 +37,12 @@ class Fact:
         payload = json.dumps([self.prompt, self.target], ensure_ascii=False)
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
+    @property
+    def prompt_key(self) -> str:
+        """Identity of the question: a later edit with the same prompt and a new target supersedes
+        the earlier one (it wins routing ties, and the store records which edit it replaced)."""
+        return hashlib.sha256(self.prompt.encode()).hexdigest()[:32]
+
     def to_dict(self) -> dict:
         return {
             "prompt": self.prompt,

@@ -6,20 +6,36 @@ Layout of the LMDB environment (one directory):
 - `records`: one JSON record per edit (fact, time, training loss, content hash), keyed by edit id;
 - `keys`:    per-edit routing key bits (MEMOIR masks), packed, keyed by edit id;
 - `facts`:   fact identity -> edit id, so a re-run skips what is stored;
-- `tensors`: memory tensors as safetensors bytes, by name.
+- `tensors`: memory tensors as safetensors bytes, by name;
+- `versions`: one JSON entry per version (what made it: create, edit, rollback; its edit count and the
+             checksum of every memory tensor it had);
+- `history`: per version and tensor, the *undo* from that version back to the one before, as
+             safetensors: the changed columns (or rows) of the previous tensor, all of it when its shape
+             changed, or an `absent` marker. A MEMOIR edit changes only its mask's columns, so its undo
+             is ~top_k/I of the residual instead of a full snapshot;
+- `journal`: every edit ever committed (record + key bits), keyed by the version that committed it.
 
-One edit = one LMDB write transaction holding its record, its key and the memory tensors it produced:
-a crash leaves the store at the previous edit or the new one, never between. The FAISS index over the
-keys is derived data, written after the commit and stamped with the version it reflects; an index with
-a stale stamp is rebuilt from LMDB when opened. Nothing here is pickled.
+One edit = one LMDB write transaction holding its record, its key, its journal entry, the memory
+tensors it produced and their undo: a crash leaves the store at the previous edit or the new one, never
+between. Rollback to version V replays the undos from the current version down to V, checks the result
+against V's recorded tensor checksums and commits it as a *new* version whose active edits are V's
+(rebuilt from the journal), so nothing committed is lost: rolling back to a later version brings the
+rolled-back edits back. Stores written before versions were kept get their history started at their
+current version on the first write. The FAISS index over the keys is derived data, written after the
+commit and stamped with the version it reflects; an index with a stale stamp is rebuilt from LMDB when
+opened. Values are JSON, safetensors or packed bits only: nothing here is pickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import shutil
 import struct
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +51,10 @@ FORMAT_VERSION = 1
 MAP_SIZE = 1 << 38  # address space only; the file grows with the data
 INDEX_FILE = "keys.faiss"
 DATABASES = ("meta", "records", "keys", "facts", "tensors")
+HISTORY_DATABASES = ("versions", "history", "journal")
+EXPORT_FORMAT = "memserve-store-export"
+EXPORT_HEADER = "memserve-store.json"
+EXPORT_DATA = "data.mdb"
 
 
 class StoreError(RuntimeError):
@@ -45,8 +65,13 @@ class StoreMismatchError(StoreError):
     """The store was built for another base model or layer."""
 
 
-def _edit_key(edit_id: int) -> bytes:
-    return struct.pack(">Q", edit_id)
+def _id_key(number: int) -> bytes:
+    """Edit ids and versions as big-endian keys, so cursors walk them in order."""
+    return struct.pack(">Q", number)
+
+
+def _prompt_key(prompt_key: str) -> bytes:
+    return b"prompt:" + prompt_key.encode()
 
 
 def _sha(data: bytes) -> str:
@@ -61,8 +86,57 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return save_tensors({"t": tensor.detach().contiguous().cpu()})
 
 
+def _load_tensor(data) -> torch.Tensor:
+    return load_tensors(bytes(data))["t"]
+
+
 def record_checksum(record: dict) -> str:
     return _sha(_dumps({k: v for k, v in record.items() if k != "checksum"}))
+
+
+def _undo(old: torch.Tensor | None, new: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """What turns `new` back into `old` (see the module doc); `new` None means the tensor goes away."""
+    if old is None:
+        return {"absent": torch.zeros(0)}
+    if new is None or old.shape != new.shape or old.dtype != new.dtype or old.dim() == 0:
+        return {"full": old}
+    o, n = old.reshape(old.shape[0], -1), new.reshape(new.shape[0], -1)
+    changed = o != n
+    rows, cols = changed.any(1).nonzero().squeeze(1), changed.any(0).nonzero().squeeze(1)
+    if cols.numel() * o.shape[0] <= rows.numel() * o.shape[1]:
+        return {"cols": cols, "values": o[:, cols].contiguous()}
+    return {"rows": rows, "values": o[rows].contiguous()}
+
+
+def _apply_undo(new: torch.Tensor | None, undo: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    if "absent" in undo:
+        return None
+    if "full" in undo:
+        return undo["full"]
+    out = new.clone().reshape(new.shape[0], -1)
+    if "cols" in undo:
+        out[:, undo["cols"]] = undo["values"]
+    else:
+        out[undo["rows"]] = undo["values"]
+    return out.reshape(new.shape)
+
+
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """A hidden sibling directory that becomes `path` only if the block succeeds, so a crash or an
+    error never leaves a half-made store at `path` (leftovers of a killed run are removed here)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-"))
+    try:
+        yield staging
+        try:
+            os.rename(staging, path)  # replaces `path` only if it is an empty directory
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create store: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class Store:
@@ -89,6 +163,9 @@ class Store:
             self._dbs = {name: self.env.open_db(name.encode(), create=False) for name in DATABASES}
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: not a memserve store ({exc})") from None
+        for name in HISTORY_DATABASES:  # absent in stores written before versions were kept
+            with contextlib.suppress(lmdb.NotFoundError):
+                self._dbs[name] = self.env.open_db(name.encode(), create=False)
         manifest = self._get("meta", b"manifest")
         if manifest is None:
             raise StoreError(f"{self.path}: not a memserve store (no manifest)")
@@ -106,24 +183,47 @@ class Store:
         path = Path(path)
         if cls.exists(path):
             raise StoreError(f"{path}: a store already exists here")
-        path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(str(path), subdir=True, map_size=MAP_SIZE, max_dbs=8)
+        with _staged(path) as staging:
+            env = lmdb.open(str(staging), subdir=True, map_size=MAP_SIZE, max_dbs=8)
+            try:
+                with env.begin(write=True) as txn:
+                    dbs = {name: env.open_db(name.encode(), txn=txn) for name in DATABASES + HISTORY_DATABASES}
+                    meta = dbs["meta"]
+                    full = {"format_version": FORMAT_VERSION, "created": time.time(), **manifest}
+                    txn.put(b"manifest", _dumps(full), db=meta)
+                    txn.put(b"tensor_sums", _dumps({}), db=meta)
+                    _put_state(txn, dbs, 0, None, tensors or {}, {"op": "create", "edits": 0})
+            finally:
+                env.close()
+        return cls(path)
+
+    @classmethod
+    def import_file(cls, file: str | os.PathLike, path: str | os.PathLike) -> "Store":
+        """A new store at `path` from an `export` file, checked (header digest, `verify`) before it
+        appears at `path`."""
+        file, path = Path(file), Path(path)
+        if cls.exists(path):
+            raise StoreError(f"{path}: a store already exists here")
         try:
-            with env.begin(write=True) as txn:
-                dbs = {name: env.open_db(name.encode(), txn=txn) for name in DATABASES}
-                meta = dbs["meta"]
-                full = {"format_version": FORMAT_VERSION, "created": time.time(), **manifest}
-                txn.put(b"manifest", _dumps(full), db=meta)
-                txn.put(b"version", b"0", db=meta)
-                txn.put(b"edits", b"0", db=meta)
-                sums = {}
-                for name, tensor in (tensors or {}).items():
-                    data = _tensor_bytes(tensor)
-                    txn.put(name.encode(), data, db=dbs["tensors"])
-                    sums[name] = _sha(data)
-                txn.put(b"tensor_sums", _dumps(sums), db=meta)
-        finally:
-            env.close()
+            with tarfile.open(file, "r:") as tar, _staged(path) as staging:
+                header = json.load(tar.extractfile(EXPORT_HEADER))
+                if header.get("format") != EXPORT_FORMAT:
+                    raise StoreError(f"{file}: not a memserve store export")
+                member = tar.getmember(EXPORT_DATA)
+                if not member.isfile():
+                    raise StoreError(f"{file}: {EXPORT_DATA} is not a regular file")
+                with tar.extractfile(member) as source, open(staging / EXPORT_DATA, "wb") as target:
+                    shutil.copyfileobj(source, target)
+                with cls(staging) as store:
+                    problems = store.verify()
+                    if store.digest() != header["digest"]:
+                        problems.append("content differs from the digest in the export header")
+                if problems:
+                    raise StoreError(f"{file}: damaged export: {problems[0]}")
+        except (tarfile.TarError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{file}: not a memserve store export ({exc})") from None
+        except OSError as exc:
+            raise StoreError(f"{file}: cannot import: {exc.strerror or exc}") from None
         return cls(path)
 
     @classmethod
@@ -169,7 +269,7 @@ class Store:
         return None if value is None else int(value)
 
     def record(self, edit_id: int) -> dict:
-        value = self._get("records", _edit_key(edit_id))
+        value = self._get("records", _id_key(edit_id))
         if value is None:
             raise StoreError(f"{self.path}: no edit {edit_id} (the store holds {self.num_edits})")
         return json.loads(value)
@@ -190,19 +290,36 @@ class Store:
         return torch.from_numpy(np.stack(rows).astype(bool))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
         with self.env.begin() as txn:
-            for name, value in txn.cursor(db=self._dbs["tensors"]):
-                out[name.decode()] = load_tensors(bytes(value))["t"]
-        return out
+            return _current_tensors(txn, self._dbs)
+
+    def versions(self) -> list[dict]:
+        """The kept versions, oldest first (empty for a store written before versions were kept)."""
+        if "versions" not in self._dbs:
+            return []
+        with self.env.begin() as txn:
+            return [json.loads(value) for _, value in txn.cursor(db=self._dbs["versions"])]
 
     def info(self) -> dict:
         m = self.manifest
+        versions = self.versions()
         return {
             "path": str(self.path), "edits": self.num_edits, "version": self.version, "method": m["method"],
             "model": m["model"], "layer": m["layer"], "weight_hash": m["weight_hash"], "config": m["config"],
             "format_version": m["format_version"], "created": m["created"],
+            "history_from": versions[0]["version"] if versions else None,
         }
+
+    def digest(self) -> str:
+        """SHA-256 over every committed key and value (the FAISS index is derived and left out):
+        equal digests mean equal stores, so it shows that a failed command changed nothing."""
+        digest = hashlib.sha256()
+        with self.env.begin() as txn:
+            for name in sorted(self._dbs):
+                for key, value in txn.cursor(db=self._dbs[name]):
+                    for part in (name.encode(), key, value):
+                        digest.update(struct.pack(">Q", len(part)) + part)
+        return digest.hexdigest()
 
     # --- writing --------------------------------------------------------------------------------
     def update_manifest(self, **fields: Any) -> None:
@@ -211,6 +328,27 @@ class Store:
             txn.put(b"manifest", _dumps(manifest), db=self._dbs["meta"])
         self.manifest = manifest
 
+    def _write_dbs(self, txn) -> dict:
+        """The databases for a write transaction; a store written before versions were kept gets its
+        history started at its current version (its older versions cannot be rolled back to)."""
+        if "versions" in self._dbs:
+            return self._dbs
+        dbs = {**self._dbs, **{name: self.env.open_db(name.encode(), txn=txn) for name in HISTORY_DATABASES}}
+        meta = dbs["meta"]
+        version = int(txn.get(b"version", db=meta))
+        if txn.get(_id_key(version), db=dbs["versions"]) is None:  # another process may have done it
+            active = []
+            for key, value in txn.cursor(db=dbs["records"]):
+                record = json.loads(value)
+                bits = txn.get(key, db=dbs["keys"])
+                txn.put(_id_key(record["version"]), _journal_entry(record, bits), db=dbs["journal"])
+                active.append(record["version"])
+            _put_version(txn, dbs, {
+                "version": version, "op": "baseline", "edits": int(txn.get(b"edits", db=meta)), "restores": None,
+                "tensor_sums": json.loads(txn.get(b"tensor_sums", db=meta)), "undo_sums": {}, "active": active,
+            })
+        return dbs
+
     def commit_edit(self, record: dict, key: torch.Tensor | None, tensors: dict[str, torch.Tensor]) -> int:
         """Store one edit together with the memory state it produced, atomically. Returns its id."""
         return self.commit_edits([(record, key)], tensors)[0]
@@ -218,36 +356,93 @@ class Store:
     def commit_edits(self, edits: list[tuple[dict, torch.Tensor | None]], tensors: dict[str, torch.Tensor]) -> list[int]:
         """Store several edits (record, key) and the memory state after the last one in ONE transaction:
         bulk imports write the dense tensors once instead of once per edit. Each edit still gets its own
-        version. Returns their ids."""
+        version, but only the last one's memory state is kept (the others cannot be rolled back to).
+        A record with the `prompt_key` of an earlier edit gets `supersedes` (that edit's id). Returns
+        their ids."""
         ids = []
         try:
             with self.env.begin(write=True) as txn:
-                meta = self._dbs["meta"]
+                dbs = self._write_dbs(txn)
+                meta = dbs["meta"]
                 edit_id = int(txn.get(b"edits", db=meta))
-                version = int(txn.get(b"version", db=meta))
-                for record, key in edits:
-                    version += 1
+                start = int(txn.get(b"version", db=meta))
+                for version, (record, key) in enumerate(edits, start=start + 1):
                     record = {**record, "id": edit_id, "version": version, "time": time.time()}
+                    if "prompt_key" in record:
+                        earlier = txn.get(_prompt_key(record["prompt_key"]), db=dbs["facts"])
+                        if earlier is not None:
+                            record["supersedes"] = int(earlier)
                     record["checksum"] = record_checksum(record)
-                    txn.put(_edit_key(edit_id), _dumps(record), db=self._dbs["records"])
-                    if key is not None:
-                        bits = np.packbits(key.detach().cpu().numpy().astype(np.uint8)).tobytes()
-                        txn.put(_edit_key(edit_id), bits, db=self._dbs["keys"])
-                    if "fact_key" in record:
-                        txn.put(record["fact_key"].encode(), str(edit_id).encode(), db=self._dbs["facts"])
+                    bits = None if key is None else np.packbits(key.detach().cpu().numpy().astype(np.uint8)).tobytes()
+                    _put_edit(txn, dbs, record, bits)
+                    txn.put(_id_key(version), _journal_entry(record, bits), db=dbs["journal"])
                     ids.append(edit_id)
                     edit_id += 1
-                sums = json.loads(txn.get(b"tensor_sums", db=meta))
-                for name, tensor in tensors.items():
-                    data = _tensor_bytes(tensor)
-                    txn.put(name.encode(), data, db=self._dbs["tensors"])
-                    sums[name] = _sha(data)
-                txn.put(b"tensor_sums", _dumps(sums), db=meta)
-                txn.put(b"edits", str(edit_id).encode(), db=meta)
-                txn.put(b"version", str(version).encode(), db=meta)
+                    if version < start + len(edits):
+                        _put_version(txn, dbs, {"version": version, "op": "edit", "edits": edit_id, "restores": None, "tensor_sums": None, "undo_sums": {}})
+                _put_state(txn, dbs, start + len(edits), start, tensors, {"op": "edit", "edits": edit_id})
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: edit not stored: {exc}") from None
+        self._dbs = dbs
         return ids
+
+    def rollback(self, target: int) -> int:
+        """Make version `target`'s edits and memory tensors current again, as a new version (returned).
+        Nothing is deleted: the rolled-back edits stay in the journal and their versions in the
+        history, so rolling back to a later version brings them back."""
+        try:
+            with self.env.begin(write=True) as txn:
+                dbs = self._write_dbs(txn)
+                current = int(txn.get(b"version", db=dbs["meta"]))
+                if not 0 <= target < current:
+                    raise StoreError(f"{self.path}: version {target} is not an earlier version (current: {current})")
+                entry = _version_entry(txn, dbs, target)
+                if entry is None:
+                    first = next(iter(txn.cursor(db=dbs["versions"])))[0]
+                    raise StoreError(f"{self.path}: version {target} predates the kept history (from version {struct.unpack('>Q', first)[0]})")
+                if entry["tensor_sums"] is None:
+                    raise StoreError(f"{self.path}: version {target} was committed in bulk; its memory state was not kept")
+                old = _current_tensors(txn, dbs)
+                state = _replay(txn, dbs, dict(old), current, target)
+                if {name: _sha(_tensor_bytes(t)) for name, t in state.items()} != entry["tensor_sums"]:
+                    raise StoreError(f"{self.path}: the history does not reproduce version {target}'s tensors; run `store verify`")
+                active = _active_versions(txn, dbs, target)
+                for name in ("records", "keys", "facts"):
+                    txn.drop(dbs[name], delete=False)
+                for commit_version in active:
+                    journal = json.loads(txn.get(_id_key(commit_version), db=dbs["journal"]))
+                    _put_edit(txn, dbs, journal["record"], None if journal["key"] is None else bytes.fromhex(journal["key"]))
+                tensors = {name: state.get(name) for name in set(state) | set(old)}
+                _put_state(txn, dbs, current + 1, current, tensors, {"op": "rollback", "to": target, "edits": len(active)})
+        except lmdb.Error as exc:
+            raise StoreError(f"{self.path}: rollback not done: {exc}") from None
+        self._dbs = dbs
+        return current + 1
+
+    def export(self, file: str | os.PathLike) -> dict:
+        """Write the store as one portable file: an uncompressed tar of a JSON header (`info` plus a
+        content digest) and a compacted copy of the LMDB file. The FAISS index is left out (derived).
+        The file appears complete or not at all. Returns the header."""
+        file = Path(file)
+        try:
+            with tempfile.TemporaryDirectory(dir=file.parent, prefix=f".{file.name}.") as tmp:
+                copy = Path(tmp) / "store"
+                copy.mkdir()
+                self.env.copy(str(copy), compact=True)
+                with Store(copy, readonly=True) as snapshot:
+                    header = {"format": EXPORT_FORMAT, **snapshot.info(), "digest": snapshot.digest()}
+                del header["path"]
+                partial = Path(tmp) / "export.tar"
+                with tarfile.open(partial, "w:", format=tarfile.PAX_FORMAT) as tar:
+                    data = _dumps(header)
+                    member = tarfile.TarInfo(EXPORT_HEADER)
+                    member.size, member.mtime = len(data), int(time.time())
+                    tar.addfile(member, io.BytesIO(data))
+                    tar.add(copy / EXPORT_DATA, arcname=EXPORT_DATA)
+                os.replace(partial, file)
+        except (OSError, lmdb.Error) as exc:
+            raise StoreError(f"{file}: export failed: {getattr(exc, 'strerror', None) or exc}") from None
+        return header
 
     # --- FAISS index over the routing keys ------------------------------------------------------
     def key_index(self, width: int):
@@ -295,19 +490,21 @@ class Store:
         with self.env.begin() as txn:
             edits = int(txn.get(b"edits", db=self._dbs["meta"]))
             sums = json.loads(txn.get(b"tensor_sums", db=self._dbs["meta"]))
-            seen = 0
+            records = []
             for key, value in txn.cursor(db=self._dbs["records"]):
                 edit_id = struct.unpack(">Q", key)[0]
                 record = json.loads(value)
-                seen += 1
+                records.append(record)
                 if record.get("id") != edit_id:
                     problems.append(f"record {edit_id}: id field says {record.get('id')}")
                 if record.get("checksum") != record_checksum(record):
                     problems.append(f"record {edit_id}: checksum mismatch")
                 if record.get("content_hash") != _sha(_dumps(record.get("fact"))):
                     problems.append(f"record {edit_id}: fact content hash mismatch")
-            if seen != edits:
-                problems.append(f"manifest counts {edits} edits but {seen} records are stored")
+                if "fact_key" in record and txn.get(record["fact_key"].encode(), db=self._dbs["facts"]) != str(edit_id).encode():
+                    problems.append(f"record {edit_id}: fact index does not point to it")
+            if len(records) != edits:
+                problems.append(f"manifest counts {edits} edits but {len(records)} records are stored")
             for name, expected in sums.items():
                 data = txn.get(name.encode(), db=self._dbs["tensors"])
                 if data is None:
@@ -315,14 +512,137 @@ class Store:
                 elif _sha(bytes(data)) != expected:
                     problems.append(f"tensor {name}: checksum mismatch")
             key_ids = [struct.unpack(">Q", k)[0] for k, _ in txn.cursor(db=self._dbs["keys"])]
+            if "versions" in self._dbs:
+                problems += _verify_history(txn, self._dbs, records, sums)
         if any(i >= edits for i in key_ids):
             problems.append("keys stored for edits that have no record")
         if width is not None and key_ids:
+            import faiss
+
             index = self.key_index(width)
-            if index.ntotal != len(key_ids):
-                problems.append(f"FAISS index holds {index.ntotal} keys, LMDB {len(key_ids)}")
+            if sorted(faiss.vector_to_array(index.id_map).tolist()) != key_ids:
+                problems.append(f"FAISS index holds other ids than LMDB's {len(key_ids)} keys")
         return problems
 
+
+# --- transaction helpers (shared by create, commit, rollback) --------------------------------------
+def _journal_entry(record: dict, bits: bytes | None) -> bytes:
+    return _dumps({"record": record, "key": None if bits is None else bytes(bits).hex()})
+
+
+def _put_edit(txn, dbs: dict, record: dict, bits: bytes | None) -> None:
+    """An edit into the current view: its record, its key, and the fact and prompt indexes."""
+    edit_id = _id_key(record["id"])
+    txn.put(edit_id, _dumps(record), db=dbs["records"])
+    if bits is not None:
+        txn.put(edit_id, bits, db=dbs["keys"])
+    if "fact_key" in record:
+        txn.put(record["fact_key"].encode(), str(record["id"]).encode(), db=dbs["facts"])
+    if "prompt_key" in record:
+        txn.put(_prompt_key(record["prompt_key"]), str(record["id"]).encode(), db=dbs["facts"])
+
+
+def _put_version(txn, dbs: dict, entry: dict) -> None:
+    txn.put(_id_key(entry["version"]), _dumps({"time": time.time(), **entry}), db=dbs["versions"])
+
+
+def _put_state(txn, dbs: dict, version: int, restores: int | None, tensors: dict[str, torch.Tensor | None], entry: dict) -> None:
+    """Make `version` current with these tensors (None = remove), keeping the undo back to `restores`."""
+    meta = dbs["meta"]
+    sums = json.loads(txn.get(b"tensor_sums", db=meta))
+    undo_sums = {}
+    for name, tensor in tensors.items():
+        stored = txn.get(name.encode(), db=dbs["tensors"])
+        data = None if tensor is None else _tensor_bytes(tensor)
+        if stored is not None and data is not None and bytes(stored) == data:
+            continue
+        if restores is not None:
+            undo = save_tensors(_undo(None if stored is None else _load_tensor(stored), tensor))
+            txn.put(_id_key(version) + name.encode(), undo, db=dbs["history"])
+            undo_sums[name] = _sha(undo)
+        if data is None:
+            txn.delete(name.encode(), db=dbs["tensors"])
+            sums.pop(name, None)
+        else:
+            txn.put(name.encode(), data, db=dbs["tensors"])
+            sums[name] = _sha(data)
+    txn.put(b"tensor_sums", _dumps(sums), db=meta)
+    txn.put(b"edits", str(entry["edits"]).encode(), db=meta)
+    txn.put(b"version", str(version).encode(), db=meta)
+    _put_version(txn, dbs, {"version": version, "restores": restores, "tensor_sums": sums, "undo_sums": undo_sums, **entry})
+
+
+def _current_tensors(txn, dbs: dict) -> dict[str, torch.Tensor]:
+    return {name.decode(): _load_tensor(value) for name, value in txn.cursor(db=dbs["tensors"])}
+
+
+def _version_entry(txn, dbs: dict, version: int) -> dict | None:
+    value = txn.get(_id_key(version), db=dbs["versions"])
+    return None if value is None else json.loads(value)
+
+
+def _undos(txn, dbs: dict, version: int) -> Iterator[tuple[str, bytes]]:
+    """(tensor name, undo bytes) stored for `version`."""
+    prefix = _id_key(version)
+    cursor = txn.cursor(db=dbs["history"])
+    if cursor.set_range(prefix):
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                break
+            yield key[len(prefix):].decode(), bytes(value)
+
+
+def _replay(txn, dbs: dict, state: dict[str, torch.Tensor], current: int, target: int) -> dict[str, torch.Tensor]:
+    """The tensors of version `target`, from `state` (those of `current`) and the undos in between."""
+    version = current
+    while version > target:
+        for name, undo in _undos(txn, dbs, version):
+            restored = _apply_undo(state.get(name), load_tensors(undo))
+            if restored is None:
+                state.pop(name, None)
+            else:
+                state[name] = restored
+        version = _version_entry(txn, dbs, version)["restores"]
+    return state
+
+
+def _active_versions(txn, dbs: dict, version: int) -> list[int]:
+    """The commit versions of the edits active at `version`, in edit-id order."""
+    tail = []
+    while True:
+        entry = _version_entry(txn, dbs, version)
+        if entry["op"] == "edit":
+            tail.append(version)
+            version -= 1
+        elif entry["op"] == "rollback":
+            version = entry["to"]
+        else:  # create or baseline
+            return entry.get("active", []) + tail[::-1]
+
+
+def _verify_history(txn, dbs: dict, records: list[dict], sums: dict) -> list[str]:
+    problems = []
+    entries = {struct.unpack(">Q", k)[0]: json.loads(v) for k, v in txn.cursor(db=dbs["versions"])}
+    current = int(txn.get(b"version", db=dbs["meta"]))
+    if not entries or sorted(entries) != list(range(min(entries), current + 1)):
+        return [f"versions kept are not every version from the first kept one to {current}"]
+    if entries[current]["tensor_sums"] != sums or entries[current]["edits"] != len(records):
+        problems.append(f"version {current}: history entry does not match the current tensors or edit count")
+    stored = 0
+    for version, entry in entries.items():
+        for name, undo in _undos(txn, dbs, version):
+            stored += 1
+            if entry["undo_sums"].get(name) != _sha(undo):
+                problems.append(f"version {version}: undo of tensor {name}: checksum mismatch")
+    if stored != sum(len(e["undo_sums"]) for e in entries.values()):
+        problems.append("history holds other undos than the versions list")
+    if [r.get("version") for r in records] != _active_versions(txn, dbs, current):
+        problems.append("the records are not the edits active at the current version")
+    for record in records:
+        journal = txn.get(_id_key(record.get("version", -1)), db=dbs["journal"])
+        if journal is None or json.loads(journal)["record"] != record:
+            problems.append(f"record {record.get('id')}: not in the journal as stored")
+    return problems
 
 def content_hash(fact: dict) -> str:
     return _sha(_dumps(fact))

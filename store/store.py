@@ -280,14 +280,24 @@ class Store:
                 yield json.loads(value)
 
     def keys(self, width: int) -> torch.Tensor:
-        """Every edit's routing key as a bool matrix [edits with keys, width], in edit order."""
-        rows = []
+        """Every edit's first routing key as a bool matrix [edits with keys, width], in edit order."""
+        keys, owners = self.routing_keys(width)
+        first = torch.ones_like(owners, dtype=torch.bool)
+        first[1:] = owners[1:] != owners[:-1]
+        return keys[first]
+
+    def routing_keys(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All routing keys [K, width] (an edit may have several, e.g. plain and chat-formatted) and
+        the position of the owning edit among the edits with keys [K], in edit order."""
+        rows, owners = [], []
         with self.env.begin() as txn:
-            for _, value in txn.cursor(db=self._dbs["keys"]):
-                rows.append(np.unpackbits(np.frombuffer(value, dtype=np.uint8))[:width])
+            for position, (_, value) in enumerate(txn.cursor(db=self._dbs["keys"])):
+                edit_keys = unpack_keys(value, width)
+                rows.append(edit_keys)
+                owners += [position] * len(edit_keys)
         if not rows:
-            return torch.zeros(0, width, dtype=torch.bool)
-        return torch.from_numpy(np.stack(rows).astype(bool))
+            return torch.zeros(0, width, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+        return torch.from_numpy(np.concatenate(rows)), torch.tensor(owners, dtype=torch.long)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         with self.env.begin() as txn:
@@ -373,7 +383,7 @@ class Store:
                         if earlier is not None:
                             record["supersedes"] = int(earlier)
                     record["checksum"] = record_checksum(record)
-                    bits = None if key is None else np.packbits(key.detach().cpu().numpy().astype(np.uint8)).tobytes()
+                    bits = None if key is None else pack_keys(key)
                     _put_edit(txn, dbs, record, bits)
                     txn.put(_id_key(version), _journal_entry(record, bits), db=dbs["journal"])
                     ids.append(edit_id)
@@ -457,8 +467,9 @@ class Store:
         ids, rows = [], []
         with self.env.begin() as txn:
             for key, value in txn.cursor(db=self._dbs["keys"]):
-                ids.append(struct.unpack(">Q", key)[0])
-                rows.append(np.frombuffer(value, dtype=np.uint8))
+                packed = np.frombuffer(value, dtype=np.uint8).reshape(-1, (width + 7) // 8)
+                ids += [struct.unpack(">Q", key)[0]] * len(packed)
+                rows += list(packed)
         bits = ((width + 7) // 8) * 8
         index = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(bits))
         if rows:
@@ -512,6 +523,8 @@ class Store:
                 elif _sha(bytes(data)) != expected:
                     problems.append(f"tensor {name}: checksum mismatch")
             key_ids = [struct.unpack(">Q", k)[0] for k, _ in txn.cursor(db=self._dbs["keys"])]
+            key_rows = [] if width is None else [
+                struct.unpack(">Q", k)[0] for k, v in txn.cursor(db=self._dbs["keys"]) for _ in range(len(v) // ((width + 7) // 8))]
             if "versions" in self._dbs:
                 problems += _verify_history(txn, self._dbs, records, sums)
         if any(i >= edits for i in key_ids):
@@ -520,8 +533,8 @@ class Store:
             import faiss
 
             index = self.key_index(width)
-            if sorted(faiss.vector_to_array(index.id_map).tolist()) != key_ids:
-                problems.append(f"FAISS index holds other ids than LMDB's {len(key_ids)} keys")
+            if sorted(faiss.vector_to_array(index.id_map).tolist()) != key_rows:
+                problems.append(f"FAISS index holds other ids than LMDB's {len(key_rows)} keys")
         return problems
 
 
@@ -643,6 +656,18 @@ def _verify_history(txn, dbs: dict, records: list[dict], sums: dict) -> list[str
         if journal is None or json.loads(journal)["record"] != record:
             problems.append(f"record {record.get('id')}: not in the journal as stored")
     return problems
+
+def pack_keys(key: torch.Tensor) -> bytes:
+    """An edit's routing key(s), [width] or [n, width] bool, as bits; each row padded to whole bytes."""
+    rows = key.detach().cpu().reshape(-1, key.shape[-1]).numpy().astype(np.uint8)
+    return np.packbits(rows, axis=1).tobytes()
+
+
+def unpack_keys(value: bytes, width: int) -> np.ndarray:
+    """Inverse of `pack_keys`: [n, width] bool."""
+    packed = np.frombuffer(value, dtype=np.uint8).reshape(-1, (width + 7) // 8)
+    return np.unpackbits(packed, axis=1)[:, :width].astype(bool)
+
 
 def content_hash(fact: dict) -> str:
     return _sha(_dumps(fact))

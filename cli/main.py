@@ -122,9 +122,12 @@ def eval_(
     except _user_errors() as exc:
         fail(str(exc))
     table = Table(title=f"{result['method']} · {result['n']} facts · backend {result['backend']}")
-    for name in ("rel", "gen", "loc", "gen_acc", "ppl"):
+    metrics = ("rel", "gen", "loc", "gen_acc", "ppl")
+    for name in ("prompts",) + metrics:
         table.add_column(name)
-    table.add_row(*("-" if result.get(k) is None else f"{result[k]:.3f}" for k in ("rel", "gen", "loc", "gen_acc", "ppl")))
+    for label, row in (("as written", result), ("chat turn", result.get("chat"))):
+        if row is not None:
+            table.add_row(label, *("-" if row.get(k) is None else f"{row[k]:.3f}" for k in metrics))
     Console().print(table)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))

@@ -45,7 +45,7 @@ def load_memory(store: Store, base_weight: torch.Tensor) -> EditMemory:
     """The memory as of the store's current version."""
     m = store.manifest
     memory = build_memory(m["method"], m["config"], base_weight)
-    memory.load_state(store.tensors(), store.keys(base_weight.shape[1]))
+    memory.load_state(store.tensors(), *store.routing_keys(base_weight.shape[1]))
     return memory
 
 

@@ -6,6 +6,7 @@
   unedited model.
 - PPL: perplexity of the target (hallucination set), reported beside Rel.
 - Gen-acc (extra): the greedy answer to the bare prompt contains the target.
+- Chat: all of the above again with every probe asked as a chat user turn (the served chat endpoint).
 - Routing: how often an edit prompt / rephrase reaches its own edit (WISE: any memory) and a
   locality prompt reaches none.
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from .facts import Fact
 from .hf import EditedModel
-from .training import prompt_and_answer
+from .training import chat_prompt_and_answer, prompt_and_answer
 
 
 @dataclass
@@ -78,9 +79,28 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
-def evaluate(edited: EditedModel, backend: Backend, facts: list[Fact], edit_ids: list[int | None], generation: bool = True) -> dict:
-    """Metrics for `facts` on the backend's current model. `edit_ids[i]` is the stored edit of fact i."""
-    encode = lambda p, a: prompt_and_answer(edited, p, a)  # noqa: E731
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def evaluate(
+    edited: EditedModel, backend: Backend, facts: list[Fact], edit_ids: list[int | None], generation: bool = True,
+    chat: bool = True,
+) -> dict:
+    """Metrics for `facts` on the backend's current model. `edit_ids[i]` is the stored edit of fact i.
+    With `chat` (and a tokenizer with a chat template) the same metrics on every probe asked as a chat
+    user turn (answer = the assistant reply) are added under "chat"."""
+    result = _metrics(edited, backend, facts, edit_ids, generation, lambda p, a: prompt_and_answer(edited, p, a), edited.encode)
+    if chat and edited.chat.available:
+        result["chat"] = _metrics(
+            edited, backend, facts, edit_ids, generation, lambda p, a: chat_prompt_and_answer(edited, p, a), edited.chat.format
+        )
+    result["backend"] = getattr(backend, "name", "vllm")
+    return result
+
+
+def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt) -> dict:
+    """Rel/Gen/Loc/PPL, routing hits and generation accuracy with probes tokenised by `encode`."""
     probes: list[tuple[str, int]] = []  # (kind, fact index)
     sequences, prompt_lens = [], []
 
@@ -121,28 +141,24 @@ def evaluate(edited: EditedModel, backend: Backend, facts: list[Fact], edit_ids:
                 nll.append(-sum(scored.logprobs) / len(scored.logprobs))
         per_fact[kind][i].append(value)
 
-    def mean(values: list[float]) -> float | None:
-        return sum(values) / len(values) if values else None
-
     result = {
         "n": len(facts),
-        "rel": mean([mean(v) for v in per_fact["rel"] if v]),
-        "gen": mean([mean(v) for v in per_fact["gen"] if v]),
-        "loc": mean([mean(v) for v in per_fact["loc"] if v]),
-        "ppl": mean([math.exp(x) for x in nll]),
+        "rel": _mean([_mean(v) for v in per_fact["rel"] if v]),
+        "gen": _mean([_mean(v) for v in per_fact["gen"] if v]),
+        "loc": _mean([_mean(v) for v in per_fact["loc"] if v]),
+        "ppl": _mean([math.exp(x) for x in nll]),
         "routing": {
-            "edit_prompt_to_own_edit": mean(hits["rel"]),
-            "rephrase_to_own_edit": mean(hits["gen"]),
-            "locality_to_no_edit": mean(hits["loc"]),
+            "edit_prompt_to_own_edit": _mean(hits["rel"]),
+            "rephrase_to_own_edit": _mean(hits["gen"]),
+            "locality_to_no_edit": _mean(hits["loc"]),
         },
-        "backend": getattr(backend, "name", "vllm"),
     }
     if generation:
-        prompts = [edited.encode(f.prompt) for f in facts]
+        prompts = [encode_prompt(f.prompt) for f in facts]
         longest = max(len(edited.encode(" " + f.target)) for f in facts)
         outputs, _ = backend.generate(prompts, longest + 4)
         texts = [edited.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-        result["gen_acc"] = mean([_normalise(f.target) in _normalise(t) for f, t in zip(facts, texts)])
+        result["gen_acc"] = _mean([_normalise(f.target) in _normalise(t) for f, t in zip(facts, texts)])
     return result
 
 

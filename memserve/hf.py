@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .chat import ChatFormat
 from .methods import NO_ROUTE, EditMemory, mean_prompt_stats
 from .models import down_proj
 
@@ -63,6 +64,7 @@ class EditedModel:
 
     def __init__(self, model, tokenizer, memory: EditMemory, layer: int):
         self.model, self.tokenizer, self.memory, self.layer = model, tokenizer, memory, layer
+        self.chat = ChatFormat(tokenizer)
         base = down_proj(model, layer)
         self.proj = base if isinstance(base, MemoryDownProj) else MemoryDownProj(base, memory)
         self.proj.memory = memory
@@ -81,7 +83,8 @@ class EditedModel:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def pad(self, sequences: list[list[int]], prompt_lens: list[int], left: bool = False):
-        """Pad token lists into (ids, attention, prompt_mask, answer_mask)."""
+        """Pad token lists into (ids, attention, prompt_mask, answer_mask); prompt_mask marks each
+        row's routing span (`ChatFormat.routing_span` of its prompt)."""
         length = max(len(s) for s in sequences)
         pad_id = self.tokenizer.pad_token_id
         ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -93,7 +96,8 @@ class EditedModel:
             start = length - len(seq) if left else 0
             ids[row, start : start + len(seq)] = torch.tensor(seq)
             attention[row, start : start + len(seq)] = True
-            prompt_mask[row, start : start + plen] = True
+            span_start, span_end = self.chat.routing_span(seq[:plen])
+            prompt_mask[row, start + span_start : start + span_end] = True
             answer_mask[row, start if act_on_all else start + plen - 1 : start + len(seq)] = True
         return ids, attention, prompt_mask, answer_mask
 

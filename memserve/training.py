@@ -41,6 +41,7 @@ class TokenBatch:
     sequences: list[list[int]]
     prompt_lens: list[int]
     in_scope: list[bool]
+    key_rows: tuple[int, ...] = (0,)
 
 
 def prompt_and_answer(edited: EditedModel, prompt: str, answer: str) -> tuple[list[int], int]:
@@ -50,12 +51,24 @@ def prompt_and_answer(edited: EditedModel, prompt: str, answer: str) -> tuple[li
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
+def chat_prompt_and_answer(edited: EditedModel, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of `prompt` as a chat user turn followed by `answer` as the reply, and the prompt's length."""
+    prompt_ids = edited.chat.format(prompt.strip())
+    return prompt_ids + edited.encode(answer.strip()), len(prompt_ids)
+
+
 def edit_batch(edited: EditedModel, fact: Fact, prefixes: list[str], out_of_scope: tuple[str, str]) -> TokenBatch:
-    """Row 0: the bare edit; then one row per prefix; last: one out-of-scope example."""
-    prompts = [fact.prompt] + [f"{prefix}. {fact.prompt}" for prefix in prefixes]
-    rows = [prompt_and_answer(edited, p, fact.target) for p in prompts]
+    """Row 0: the bare edit; row 1: the edit as a chat turn (when the tokenizer has a chat template;
+    its routing span gives the edit a second key); then one row per prefix; last: one out-of-scope
+    example."""
+    rows = [prompt_and_answer(edited, fact.prompt, fact.target)]
+    if edited.chat.available:
+        rows.append(chat_prompt_and_answer(edited, fact.prompt, fact.target))
+    key_rows = tuple(range(len(rows)))
+    rows += [prompt_and_answer(edited, f"{prefix}. {fact.prompt}", fact.target) for prefix in prefixes]
+    in_scope = [True] * len(rows) + [False]
     rows.append(prompt_and_answer(edited, *out_of_scope))
-    return TokenBatch([r[0] for r in rows], [r[1] for r in rows], [True] * len(prompts) + [False])
+    return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows)
 
 
 class _Stop(Exception):
@@ -119,7 +132,7 @@ def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:
                 rows.append(row)
                 cols.append(pos - 1)
                 targets.append(seq[pos])
-    examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope)
+    examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope, key_rows=batch.key_rows)
     row_stats = mean_prompt_stats(edited.memory, a, prompt_mask)
     return Prepared(ids, examples, row_stats, hidden, uppers, apply_rows, apply_cols, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 

@@ -31,18 +31,29 @@ def test_memoir_routes_to_best_overlap_above_tau_newest_on_ties():
     memory = memoir(k=16, tau=0.5)
     a = torch.randn(3, I)
     assert memory.route(a)[0].tolist() == [NO_ROUTE] * 3  # no edits yet
-    memory.masks = memory.key(a[:2])
+    for row in a[:2]:
+        memory.add_edit(memory.key(row[None]))
     routes, scores = memory.route(a)
     assert routes[:2].tolist() == [0, 1] and scores[:2].tolist() == [1.0, 1.0]
     assert routes[2].item() == NO_ROUTE or scores[2] >= 0.5
-    memory.masks = torch.cat([memory.masks, memory.key(a[:1])])  # same prompt edited again
+    memory.add_edit(memory.key(a[:1]))  # same prompt edited again
     assert memory.route(a[:1])[0].item() == 2
+
+
+def test_memoir_second_routing_key_routes_to_its_edit_and_uses_first_key_columns():
+    memory = memoir(k=16, tau=0.9)
+    a = torch.randn(3, I)
+    memory.add_edit(memory.key(a[:1]))
+    memory.add_edit(memory.key(a[1:3]))  # edit 1: keys from a[1] (columns) and a[2] (e.g. chat)
+    assert memory.route(a)[0].tolist() == [0, 1, 1]
+    assert torch.equal(memory.masks[1], memory.key(a[1:2])[0])
 
 
 def test_memoir_delta_uses_the_routed_edit_mask_only():
     memory = memoir(k=16)
     a = torch.randn(4, I)
-    memory.masks = memory.key(a[:2])
+    for row in a[:2]:
+        memory.add_edit(memory.key(row[None]))
     memory.residual = torch.randn(H, I)
     routes = torch.tensor([0, 1, NO_ROUTE, 0])
     out = memory.delta(a, routes)

@@ -1,10 +1,8 @@
 """`memserve.serving.serve` end to end: the OpenAI client against the HTTP server (one server per module).
 
-Checks completions and chat completions, streaming and not, the route report (`memserve` field,
-`x-memserve-edit` header, `GET /v1/memserve/routes/{id}`), and the chat-template finding: routing
-uses the whole prompt, and the default SmolLM2 chat template (system prompt + role markers, ~30
-tokens around a ~10-token question) pulls the prompt's mask overlap below tau, so a chat request
-only hits an edit when it is formatted like the edited prompt (here: a per-request raw template).
+Checks completions and chat completions (the model's own chat template: routed on the user message,
+see `memserve.chat`), streaming and not, each equal to the transformers reference, and the route
+report (`memserve` field, `x-memserve-edit` header, `GET /v1/memserve/routes/{id}`).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import pytest
 pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
 
 NUM_EDITS = int(os.environ.get("MEMSERVE_TEST_EDITS", "24"))
-RAW_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 MAX_TOKENS = 10
 
 
@@ -38,11 +35,15 @@ def store():
     return cached_store(NUM_EDITS)
 
 
-@pytest.fixture(scope="module")
-def fact(store):
-    """An edited fact whose reference (transformers) answer contains its target, with that answer.
+UNRELATED_CHAT = "Name three primary colors."
 
-    Edit quality is the core's business; the server must reproduce the reference answer exactly."""
+
+@pytest.fixture(scope="module")
+def references(store):
+    """An edited fact whose reference (transformers) answers, as a plain prompt and as a chat turn,
+    contain its target; those answers; and the unedited chat answer to an unrelated question.
+
+    Edit quality is the core's business; the server must reproduce the reference answers exactly."""
     import gc
 
     from memserve.editor import open_session
@@ -50,13 +51,16 @@ def fact(store):
 
     runner = open_session(store, create=False)
     try:
+        edited = runner.edited
         facts = test_facts(NUM_EDITS)[:10]
-        outs, routes = runner.edited.generate([runner.edited.encode(f.prompt) for f in facts], MAX_TOKENS)
-        for f, out, route in zip(facts, outs, routes.tolist()):
-            text = runner.edited.tokenizer.decode(out)
-            if route >= 0 and f.target in text:
-                return f, text
-        pytest.fail("none of the first 10 edits answers its target in the reference path")
+        plain, plain_routes = edited.generate([edited.encode(f.prompt) for f in facts], MAX_TOKENS)
+        chat, chat_routes = edited.generate([edited.chat.format(f.prompt) for f in facts], MAX_TOKENS)
+        unrelated, _ = edited.generate([edited.chat.format(UNRELATED_CHAT)], MAX_TOKENS, use_memory=False)
+        decode = edited.tokenizer.decode
+        for f, p, pr, c, cr in zip(facts, plain, plain_routes.tolist(), chat, chat_routes.tolist()):
+            if pr >= 0 and cr == pr and f.target in decode(p) and f.target in decode(c):
+                return f, decode(p), decode(c), decode(unrelated[0])
+        pytest.fail("none of the first 10 edits answers its target in the reference path, plain and chat")
     finally:
         runner.store.close()
         del runner
@@ -69,7 +73,7 @@ def server(store, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     code = (
         "from memserve.serving import serve; import sys; "
-        f"serve({str(store)!r}, port={port}, engine_args=['--trust-request-chat-template'])"
+        f"serve({str(store)!r}, port={port})"
     )
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real server layout: API server + engine process
@@ -117,8 +121,8 @@ def test_models_and_health(client, model_name):
     assert model_name == "SmolLM2-135M-Instruct"
 
 
-def test_completion_edited_and_reported(client, model_name, fact):
-    fact, reference = fact
+def test_completion_edited_and_reported(client, model_name, references):
+    fact, reference, _, _ = references
     raw = client.completions.with_raw_response.create(
         model=model_name, prompt=fact.prompt, max_tokens=MAX_TOKENS, temperature=0,
     )
@@ -137,8 +141,8 @@ def test_completion_unrelated_prompt_not_routed(client, model_name):
     assert raw.headers["x-memserve-edit"] == "none"
 
 
-def test_completion_streaming_equals_non_streaming(client, model_name, fact, server):
-    fact, _ = fact
+def test_completion_streaming_equals_non_streaming(client, model_name, references, server):
+    fact = references[0]
     import json
     import urllib.request
 
@@ -153,35 +157,30 @@ def test_completion_streaming_equals_non_streaming(client, model_name, fact, ser
     assert report["memserve"][0]["edit"].startswith("edit-")
 
 
-def chat(client, model_name, prompt, stream=False, raw_template=False):
-    extra = {"chat_template": RAW_TEMPLATE} if raw_template else None
+def chat(client, model_name, prompt, stream=False):
     return client.chat.completions.create(
         model=model_name, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS, temperature=0,
-        stream=stream, extra_body=extra,
+        stream=stream,
     )
 
 
-def test_chat_with_edit_formatted_prompt_gets_edit(client, model_name, fact, server):
-    """Non-streaming and streaming chat hit the edit when the template leaves the prompt as edited."""
-    fact, reference = fact
+def test_chat_gets_edit_through_the_default_template(client, model_name, references, server):
+    """Non-streaming and streaming chat answer like the reference chat turn, i.e. with the edit."""
+    fact, _, reference, _ = references
     import json
     import urllib.request
 
-    resp = chat(client, model_name, fact.prompt, raw_template=True)
-    assert resp.choices[0].message.content == reference
+    resp = chat(client, model_name, fact.prompt)
+    assert resp.choices[0].message.content == reference and fact.target in reference
     assert resp.model_extra["memserve"][0]["edit"].startswith("edit-")
-    chunks = list(chat(client, model_name, fact.prompt, stream=True, raw_template=True))
+    chunks = list(chat(client, model_name, fact.prompt, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == resp.choices[0].message.content
+    assert text == reference
     with urllib.request.urlopen(f"{server}/v1/memserve/routes/{chunks[0].id}") as r:
         assert json.load(r)["memserve"][0]["edit"].startswith("edit-")
 
 
-def test_chat_default_template_route_is_reported(client, model_name, fact):
-    """The default template: record what happens (overlap below tau -> base answer, see module doc)."""
-    fact, _ = fact
-    resp = chat(client, model_name, fact.prompt)
-    report = resp.model_extra["memserve"][0]
-    print(f"default chat template: edit={report['edit']} overlap={report['score']:.2f} "
-          f"answer={resp.choices[0].message.content!r}")
-    assert report["edit"] == "none" or fact.target in resp.choices[0].message.content
+def test_chat_unrelated_question_answers_like_the_base_model(client, model_name, references):
+    resp = chat(client, model_name, UNRELATED_CHAT)
+    assert resp.model_extra["memserve"][0]["edit"] == "none"
+    assert resp.choices[0].message.content == references[3]

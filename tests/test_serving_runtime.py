@@ -26,7 +26,7 @@ def make_memoir(num_edits: int = 3, seed: int = 0) -> tuple[MemoirMemory, list[t
     keys = torch.cat([memory.key(p.mean(0, keepdim=True)) for p in prompts])
     state = {k: v.clone() for k, v in memory.state_tensors().items()}
     state["residual"] = torch.randn(H, I, generator=g)
-    memory.load_state(state, keys)
+    memory.load_state(state, keys, torch.arange(len(keys)))
     return memory, prompts
 
 
@@ -182,7 +182,7 @@ def test_wise_memory_routes_like_reference():
     side = base + 0.5 * torch.randn(H, I, generator=g)
     state = {k: v.clone() for k, v in memory.state_tensors().items()}
     state.update(side=side, side_min_score=torch.tensor(1.0), counters=torch.tensor([1, 1, 0]))
-    memory.load_state(state, torch.zeros(0, I, dtype=torch.bool))
+    memory.load_state(state, torch.zeros(0, I, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
     seqs = {"a": 3 * torch.randn(7, I, generator=g), "b": 0.01 * torch.randn(6, I, generator=g)}
     plens = {"a": 5, "b": 4}
     runtime = MemoryRuntime(memory)

@@ -3,7 +3,8 @@
 One in-process fp32 eager engine for the module, deliberately starved so every hard case of the flat
 batch occurs in the same run: a 64-token step budget (prompts are split into prefill chunks that
 share steps with other requests' decodes), 32-token KV blocks and a small block pool of 6 x 32 tokens (requests
-are preempted and recomputed). Edited prompts, their rephrases and unrelated prompts go in ONE batch.
+are preempted and recomputed). Edited prompts, their rephrases and unrelated prompts, plain and as chat
+turns (routed on the user message), go in ONE batch.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def prompts(store):
     from memserve.serving.testing import test_facts
 
     facts = test_facts(NUM_EDITS)
-    texts = [f.prompt for f in facts] + [f.rephrases[0] for f in facts if f.rephrases]
-    texts += [f.locality[0][0] for f in facts if f.locality][:6] + UNRELATED
-    return facts, texts
+    rephrases = [f.rephrases[0] for f in facts if f.rephrases]
+    chat = [f.prompt for f in facts[:8]] + rephrases[:4] + UNRELATED[:3]
+    texts = [(t, False) for t in [f.prompt for f in facts] + rephrases] + [(t, True) for t in chat]
+    texts += [(t, False) for t in [f.locality[0][0] for f in facts if f.locality][:6] + UNRELATED]
+    return facts, texts  # (text, asked as a chat turn)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def reference(store, prompts):
     runner = open_session(store, create=False)
     edited = runner.edited
     try:
-        ids = [edited.encode(t) for t in texts]
+        ids = [edited.chat.format(t) if is_chat else edited.encode(t) for t, is_chat in texts]
         gen, gen_routes = edited.generate(ids, MAX_NEW)
         seqs, plens = [], []
         for f in facts:
@@ -111,6 +114,8 @@ def test_generate_matches_reference_in_one_mixed_batch(engine, reference, prompt
     # requests were preempted and recomputed
     assert sum(r >= 0 for r in routes[: len(facts)]) >= len(facts) * 0.9
     assert all(r == -1 for r in routes[-len(UNRELATED):])
+    chat_routes = [r for (_, is_chat), r in zip(texts, routes) if is_chat]
+    assert sum(r >= 0 for r in chat_routes[:8]) >= 6 and chat_routes[-3:] == [-1, -1, -1]
     assert runtime.recomputes > recomputes_before, "no preemption happened; tighten the KV budget"
     print(f"\n{len(texts)} prompts, {sum(r >= 0 for r in routes)} routed to an edit, "
           f"{runtime.recomputes - recomputes_before} recomputed chunks, {runtime.steps} forwards")

@@ -35,7 +35,7 @@ def test_fast_step_matches_naive_step(tmp_path, tiny_model_dir, method, extra):
 
 
 def test_sequential_memoir_edits_are_learned_and_routed(tmp_path, tiny_model_dir):
-    runner = open_session(tmp_path / "s", tiny_model_dir, method="memoir", config=tiny_config(steps=60, tau=0.9))
+    runner = open_session(tmp_path / "s", tiny_model_dir, method="memoir", config=tiny_config(steps=120, tau=0.9))
     report = runner.apply(FACT_OBJECTS)
     assert report.added == 3 and runner.store.num_edits == 3
     assert runner.apply(FACT_OBJECTS).skipped == 3  # resumable: nothing duplicated

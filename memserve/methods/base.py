@@ -61,15 +61,17 @@ class MethodConfig:
 class EditExamples:
     """One edit's training batch, with everything below the memory already computed.
 
-    Rows are right-padded sequences; row 0 is the bare edit (its prompt defines the edit's key);
-    `in_scope[i]` is False for out-of-scope rows. `a` is the down-projection input at the edited
-    layer: it does not depend on the memory.
+    Rows are right-padded sequences; row 0 is the bare edit; the prompts of `key_rows` (row 0 first,
+    then e.g. the chat-formatted edit) give the edit's routing keys; `in_scope[i]` is False for
+    out-of-scope rows. `a` is the down-projection input at the edited layer: it does not depend on
+    the memory.
     """
 
     a: torch.Tensor  # [S, T, I]
-    prompt_mask: torch.Tensor  # [S, T] bool: prompt tokens (route statistics come from these)
+    prompt_mask: torch.Tensor  # [S, T] bool: routing span (route statistics come from these)
     answer_mask: torch.Tensor  # [S, T] bool: where the memory acts (last prompt token onwards)
     in_scope: torch.Tensor  # [S] bool
+    key_rows: tuple[int, ...] = (0,)
 
 
 class EditSession:
@@ -95,7 +97,7 @@ class EditSession:
 
     def finish(self) -> dict[str, Any]:
         """Write the learned values into the memory; returns what to record for the edit
-        (a bool tensor under "key" is stored as the edit's routing key)."""
+        (a bool tensor [I] or [keys, I] under "key" is stored as the edit's routing key(s))."""
         raise NotImplementedError
 
 
@@ -143,13 +145,14 @@ class EditMemory(nn.Module):
         """Dense state to persist after each edit (per-edit keys are stored with the edit)."""
         raise NotImplementedError
 
-    def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor) -> None:
-        """Restore from `state_tensors()` output and the per-edit keys [edits, I] (may be empty)."""
+    def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
+        """Restore from `state_tensors()` output and the stored routing keys [K, I] (may be empty),
+        `owners[j]` being the edit (in edit order) that key j belongs to."""
         raise NotImplementedError
 
 
 def mean_prompt_stats(memory: EditMemory, a: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Average `token_stats` over each row's prompt tokens: [B, T, I], [B, T] -> [B, D]."""
+    """Average `token_stats` over each row's routing span: [B, T, I], [B, T] -> [B, D]."""
     stats = memory.token_stats(a.reshape(-1, a.shape[-1])).reshape(*a.shape[:2], -1)
     weights = prompt_mask.to(stats.dtype).unsqueeze(-1)
     return (stats * weights).sum(1) / weights.sum(1).clamp_min(1.0)

@@ -1,9 +1,10 @@
 """MEMOIR (arXiv 2506.07899): a zero-initialised residual memory written through sparse input masks.
 
 Layer output: `W a + Wm (mask ⊙ a)`. Each edit owns a TopHash mask (k of the I input features) and
-only the columns of Wm under its mask learn it. A query is routed to the stored edit whose mask
-overlaps its own mask most, if that overlap reaches `tau`; otherwise the memory adds nothing and the
-model is exactly the base model.
+only the columns of Wm under its mask learn it. Each edit also has one or more routing keys: TopHash
+masks of its prompt as written (the first key, equal to its column mask) and as a chat-formatted user
+message. A query is routed to the edit owning the key that overlaps its own mask most, if that
+overlap reaches `tau`; otherwise the memory adds nothing and the model is exactly the base model.
 
 This file is the single home of MEMOIR's routing rule (`MemoirMemory.route`).
 """
@@ -50,8 +51,10 @@ class MemoirMemory(EditMemory):
         self.register_buffer("residual", torch.zeros(hidden, inter))
         self.register_buffer("permutation", torch.randperm(inter, generator=generator))
         self.register_buffer("background", torch.zeros(inter))
-        self.register_buffer("masks", torch.zeros(0, inter, dtype=torch.bool))
-        self._mask_matrix: torch.Tensor | None = None  # float copy of `masks` for the overlap matmul
+        self.register_buffer("masks", torch.zeros(0, inter, dtype=torch.bool))  # column mask per edit
+        self.register_buffer("route_keys", torch.zeros(0, inter, dtype=torch.bool))
+        self.register_buffer("key_owner", torch.zeros(0, dtype=torch.long))  # edit of each routing key
+        self._key_matrix: torch.Tensor | None = None  # float copy of `route_keys` for the overlap matmul
 
     @property
     def num_edits(self) -> int:
@@ -69,19 +72,20 @@ class MemoirMemory(EditMemory):
         return mask
 
     def overlaps(self, query_masks: torch.Tensor) -> torch.Tensor:
-        """|q ∩ m| / k against every stored mask: [B, I] -> [B, N]."""
-        if self._mask_matrix is None or self._mask_matrix.shape[0] != self.num_edits:
-            self._mask_matrix = self.masks.float()
-        return (query_masks.float() @ self._mask_matrix.T) / self.config.top_k
+        """|q ∩ key| / k against every stored routing key: [B, I] -> [B, K]."""
+        if self._key_matrix is None or self._key_matrix.shape[0] != self.route_keys.shape[0]:
+            self._key_matrix = self.route_keys.float()
+        return (query_masks.float() @ self._key_matrix.T) / self.config.top_k
 
     def route(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = mean_stats.shape[0]
         if self.num_edits == 0:
             return torch.full((batch,), NO_ROUTE, dtype=torch.long), torch.zeros(batch)
         overlap = self.overlaps(self.key(mean_stats))
-        # On ties the newest edit wins (a re-edit of the same prompt replaces the old answer).
+        # Keys are in edit order: on ties the newest edit wins (a re-edit of the same prompt replaces
+        # the old answer).
         best_score, best_from_end = overlap.flip(-1).max(dim=-1)
-        best = self.num_edits - 1 - best_from_end
+        best = self.key_owner[overlap.shape[-1] - 1 - best_from_end]
         routes = torch.where(best_score >= self.config.tau, best, torch.full_like(best, NO_ROUTE))
         return routes, best_score
 
@@ -116,11 +120,21 @@ class MemoirMemory(EditMemory):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"residual": self.residual, "permutation": self.permutation, "background": self.background}
 
-    def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor) -> None:
+    def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
         for name in ("residual", "permutation", "background"):
             setattr(self, name, tensors[name].clone())
-        self.masks = keys.clone()
-        self._mask_matrix = None
+        first = torch.ones_like(owners, dtype=torch.bool)
+        first[1:] = owners[1:] != owners[:-1]
+        self.masks = keys[first].clone()
+        self.route_keys, self.key_owner = keys.clone(), owners.clone()
+        self._key_matrix = None
+
+    def add_edit(self, keys: torch.Tensor) -> None:
+        """Append an edit whose column mask is `keys[0]` and whose routing keys are `keys` [n, I]."""
+        self.masks = torch.cat([self.masks, keys[:1]])
+        self.route_keys = torch.cat([self.route_keys, keys])
+        self.key_owner = torch.cat([self.key_owner, torch.full((len(keys),), self.num_edits - 1)])
+        self._key_matrix = None
 
 
 class MemoirSession(EditSession):
@@ -128,8 +142,10 @@ class MemoirSession(EditSession):
 
     def __init__(self, memory: MemoirMemory, examples: EditExamples):
         self.memory = memory
-        bare_prompt = examples.prompt_mask[0]
-        self.mask = memory.key(examples.a[0][bare_prompt].float().mean(0, keepdim=True))[0]
+        rows = list(examples.key_rows)
+        means = torch.stack([examples.a[r][examples.prompt_mask[r]].float().mean(0) for r in rows])
+        self.keys = memory.key(means)
+        self.mask = self.keys[0]  # the bare prompt's key chooses the columns
         self.columns = self.mask.nonzero().squeeze(1)
         self.weight = memory.residual[:, self.columns].clone().requires_grad_(True)
 
@@ -145,6 +161,5 @@ class MemoirSession(EditSession):
     def finish(self) -> dict[str, Any]:
         memory = self.memory
         memory.residual[:, self.columns] = self.weight.detach()
-        memory.masks = torch.cat([memory.masks, self.mask[None]])
-        memory._mask_matrix = None
-        return {"key": self.mask}
+        memory.add_edit(self.keys)
+        return {"key": self.keys}

@@ -163,7 +163,7 @@ class WiseMemory(EditMemory):
         names = ("side", "side_min_score", "memories", "memory_eps", "memory_is_shard", "counters")
         return {name: getattr(self, name) for name in names}
 
-    def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor) -> None:
+    def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
         for name, value in tensors.items():
             setattr(self, name, value.clone())
 

@@ -118,6 +118,7 @@ def _memserve_model_class():
             self.memserve_runtime: MemoryRuntime | None = None
             self._memserve_store = store_path_from(vllm_config.model_config.hf_config)
             self._memserve_prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
+            self._memserve_tokenizer = vllm_config.model_config.tokenizer
 
         def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
             store, manifest = open_store_manifest(self._memserve_store)
@@ -171,7 +172,11 @@ def _memserve_model_class():
                 )
             memory = load_memory(store, checkpoint_weight)
             memory.eval()
-            runtime = MemoryRuntime(memory)
+            from transformers import AutoTokenizer
+
+            from memserve.chat import ChatFormat
+
+            runtime = MemoryRuntime(memory, ChatFormat(AutoTokenizer.from_pretrained(self._memserve_tokenizer)))
             key = id(runtime)
             _RUNTIMES[key] = runtime
             mlp.down_proj = MemoryDownProjection(mlp.down_proj, runtime, key)
@@ -209,6 +214,8 @@ def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
     first_pos = positions[torch.from_numpy(starts[:-1])].cpu().numpy() if n else np.zeros(0, np.int64)
     prompt_lens = np.zeros(n, dtype=np.int64)
     forced = np.full(n, NOT_FORCED, dtype=np.int64)
+    spans = np.zeros((n, 2), dtype=np.int64)
+    runtime = _runtime_of(runner)
     for i, rid in enumerate(req_ids):
         state = runner.requests[rid]
         params = state.sampling_params
@@ -218,7 +225,9 @@ def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
         prompt_lens[i] = n_prompt if override is None else min(max(1, int(override)), n_prompt)
         if extra.get(ROUTE_ARG) is not None:
             forced[i] = int(extra[ROUTE_ARG])
-    return BatchPlan(req_ids, starts, first_pos, prompt_lens, forced)
+        if rid not in runtime.states:  # the span is only read when a request is first seen
+            spans[i] = runtime.routing_span(state.prompt_token_ids, int(prompt_lens[i]))
+    return BatchPlan(req_ids, starts, first_pos, prompt_lens, forced, spans)
 
 
 def install_runner_hooks() -> None:

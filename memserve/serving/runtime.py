@@ -6,9 +6,10 @@ API (`methods.base`) routes a request once, from the mean of `token_stats` over 
 applies the routed memory to the answer span only (the last prompt token and everything after it).
 
 `MemoryRuntime` keeps, per live request id, a `RequestRoute`:
-- while the route is unknown: the running sum and count of `token_stats` over the prompt positions
-  seen so far, and `next_pos`, the first prompt position not yet counted. A prefill chunk adds its
-  prompt positions >= `next_pos` (so a chunk recomputed after preemption is not counted twice);
+- while the route is unknown: the running sum and count of `token_stats` over the routing-span
+  positions seen so far (the whole prompt, or a chat prompt's last user message: `memserve.chat`), and
+  `next_pos`, the first span position not yet counted. A prefill chunk adds its span positions
+  >= `next_pos` (so a chunk recomputed after preemption is not counted twice);
 - when a chunk reaches the last prompt position, `memory.route` is called on the mean (all requests
   that complete their prompt in this step are routed in one call) and the route is fixed for the rest
   of the request: recomputation after preemption reuses it, so a request never changes route.
@@ -30,6 +31,7 @@ from typing import Container, Sequence
 import numpy as np
 import torch
 
+from memserve.chat import ChatFormat
 from memserve.methods import NO_ROUTE, EditMemory
 
 logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log handler
@@ -52,6 +54,9 @@ class BatchPlan:
     first_pos: np.ndarray  # [R] sequence position of each request's first scheduled token
     prompt_lens: np.ndarray  # [R] routing prompt length of each request
     forced_routes: np.ndarray | None = None  # [R] route fixed by the caller, NOT_FORCED otherwise
+    # [R, 2] each request's routing span [start, end) within its prompt (`ChatFormat.routing_span`);
+    # read when a request is first seen; None: the whole prompt.
+    route_spans: np.ndarray | None = None
 
 
 @dataclass
@@ -63,6 +68,7 @@ class RequestRoute:
     score: float = 0.0
     complete: bool = True  # False if some prompt positions were never computed (cannot route exactly)
     prompt_len: int = 0
+    span_end: int = 0  # routing statistics come from positions [span start, span_end)
     end_pos: int = 0  # one past the highest position processed so far
     mean_stats: torch.Tensor | None = None  # the prompt mean routed on: the memory's `context`
 
@@ -86,8 +92,9 @@ def external_id(req_id: str) -> str:
 class MemoryRuntime:
     """Routing state of one memory attached to one model instance."""
 
-    def __init__(self, memory: EditMemory, max_recent: int = 65536):
+    def __init__(self, memory: EditMemory, chat: ChatFormat | None = None, max_recent: int = 65536):
         self.memory = memory
+        self.chat = chat
         self.states: dict[str, RequestRoute] = {}
         self.recent: OrderedDict[str, RouteInfo] = OrderedDict()
         self.max_recent = max_recent
@@ -104,6 +111,12 @@ class MemoryRuntime:
     @property
     def active(self) -> bool:
         return self.memory.num_edits > 0
+
+    def routing_span(self, prompt: Sequence[int] | None, prompt_len: int) -> tuple[int, int]:
+        """Where in its first `prompt_len` tokens a request is routed from (see `memserve.chat`)."""
+        if self.chat is None or prompt is None:
+            return 0, prompt_len
+        return self.chat.routing_span(list(prompt[:prompt_len]))
 
     # --- lifecycle, driven by the model runner ----------------------------------------------------
     def begin_step(self, plan: BatchPlan | None) -> None:
@@ -163,7 +176,9 @@ class MemoryRuntime:
             rid = plan.req_ids[i]
             state = self.states.get(rid)
             if state is None:
-                state = self.states[rid] = RequestRoute(prompt_len=int(plan.prompt_lens[i]))
+                plen = int(plan.prompt_lens[i])
+                span = (0, plen) if plan.route_spans is None else (int(plan.route_spans[i][0]), int(plan.route_spans[i][1]))
+                state = self.states[rid] = RequestRoute(next_pos=span[0], prompt_len=plen, span_end=min(span[1], plen))
                 forced = NOT_FORCED if plan.forced_routes is None else int(plan.forced_routes[i])
                 if forced != NOT_FORCED:
                     if not NO_ROUTE <= forced < self.memory_slots():
@@ -178,7 +193,7 @@ class MemoryRuntime:
             state.end_pos = max(state.end_pos, end_pos)
             if state.route is not None:
                 continue
-            lo, hi = max(p0, state.next_pos), min(end_pos, plen)
+            lo, hi = max(p0, state.next_pos), min(end_pos, state.span_end)
             if lo > state.next_pos:
                 state.complete = False
             if hi > lo:

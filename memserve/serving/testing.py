@@ -26,6 +26,10 @@ FACTS = [
 ]
 
 
+# Bump when the trainer changes what an edit stores, so fixtures are rebuilt (2: chat routing keys).
+FIXTURE_REVISION = 2
+
+
 def zsre_facts(limit: int):
     from memserve.facts import read_facts
 
@@ -58,7 +62,7 @@ def cached_store(count: int, method: str = "memoir") -> Path:
     stamp = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0)
     # A change of the method's default options makes a new fixture, so tests exercise the defaults.
     defaults = json.dumps(memory_class(method).config_class().to_dict(), sort_keys=True)
-    path = root / f"{method}-{count}-v{FORMAT_VERSION}-l{stamp}-{hashlib.sha256(defaults.encode()).hexdigest()[:8]}"
+    path = root / f"{method}-{count}-v{FORMAT_VERSION}.{FIXTURE_REVISION}-l{stamp}-{hashlib.sha256(defaults.encode()).hexdigest()[:8]}"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if Store.exists(path):

@@ -212,8 +212,13 @@ class Store:
                 member = tar.getmember(EXPORT_DATA)
                 if not member.isfile():
                     raise StoreError(f"{file}: {EXPORT_DATA} is not a regular file")
+                file_sha = hashlib.sha256()
                 with tar.extractfile(member) as source, open(staging / EXPORT_DATA, "wb") as target:
-                    shutil.copyfileobj(source, target)
+                    for chunk in iter(lambda: source.read(1 << 20), b""):
+                        file_sha.update(chunk)
+                        target.write(chunk)
+                if file_sha.hexdigest() != header["sha256"]:
+                    raise StoreError(f"{file}: damaged export: {EXPORT_DATA} does not match its checksum")
                 with cls(staging) as store:
                     problems = store.verify()
                     if store.digest() != header["digest"]:
@@ -430,8 +435,8 @@ class Store:
         return current + 1
 
     def export(self, file: str | os.PathLike) -> dict:
-        """Write the store as one portable file: an uncompressed tar of a JSON header (`info` plus a
-        content digest) and a compacted copy of the LMDB file. The FAISS index is left out (derived).
+        """Write the store as one portable file: an uncompressed tar of a JSON header (`info`, the
+        content digest, the file's SHA-256) and a compacted copy of the LMDB file. The FAISS index is left out (derived).
         The file appears complete or not at all. Returns the header."""
         file = Path(file)
         try:
@@ -442,6 +447,7 @@ class Store:
                 with Store(copy, readonly=True) as snapshot:
                     header = {"format": EXPORT_FORMAT, **snapshot.info(), "digest": snapshot.digest()}
                 del header["path"]
+                header["sha256"] = _sha((copy / EXPORT_DATA).read_bytes())
                 partial = Path(tmp) / "export.tar"
                 with tarfile.open(partial, "w:", format=tarfile.PAX_FORMAT) as tar:
                     data = _dumps(header)
@@ -656,6 +662,7 @@ def _verify_history(txn, dbs: dict, records: list[dict], sums: dict) -> list[str
         if journal is None or json.loads(journal)["record"] != record:
             problems.append(f"record {record.get('id')}: not in the journal as stored")
     return problems
+
 
 def pack_keys(key: torch.Tensor) -> bytes:
     """An edit's routing key(s), [width] or [n, width] bool, as bits; each row padded to whole bytes."""

@@ -1,5 +1,9 @@
 """LMDB + FAISS store: atomic commits, refusal of foreign models, verification."""
 
+import json
+import re
+from pathlib import Path
+
 import lmdb
 import pytest
 import torch
@@ -90,3 +94,172 @@ def test_bulk_commit_is_one_transaction_with_a_version_per_edit(tmp_path):
         store.commit_edits([(record(4), None), (record(5), None)], {"residual": "not a tensor"})
     assert store.num_edits == 4 and store.find("k4") is None
     assert store.verify(width=64) == []
+
+
+# --- versions, rollback, export/import ------------------------------------------------------------
+def column_edit(store, i, width=64):
+    """Commit edit i changing column i of the residual (as a MEMOIR edit changes its mask's columns)."""
+    residual = store.tensors()["residual"].clone()
+    residual[:, i] = float(i + 1)
+    key = torch.zeros(width, dtype=torch.bool)
+    key[i : i + 8] = True
+    return store.commit_edit({**record(i), "prompt_key": f"q{i % 3}"}, key, {"residual": residual})
+
+
+def column_store(path, edits=4):
+    store = Store.create(path, MANIFEST, {"residual": torch.zeros(32, 16), "background": torch.ones(16)})
+    for i in range(edits):
+        column_edit(store, i)
+    return store
+
+
+def test_rollback_restores_tensors_records_and_keys_and_is_reversible(tmp_path):
+    store = column_store(tmp_path / "s")
+    tensors_at_4 = store.tensors()
+    records_at_4, keys_at_4 = list(store.records()), store.keys(64)
+    assert store.rollback(2) == 5
+    assert store.num_edits == 2 and store.version == 5
+    assert torch.equal(store.tensors()["residual"][:, :4], torch.tensor([1.0, 2.0, 0.0, 0.0]).expand(32, 4))
+    assert [r["id"] for r in store.records()] == [0, 1] and store.keys(64).shape == (2, 64)
+    assert store.find("k3") is None and store.verify(width=64) == []
+    column_edit(store, 2)  # a new edit 2 on top of the rollback
+    assert store.version == 6 and store.record(2)["version"] == 6
+    assert store.rollback(4) == 7  # forward again: the rolled-back edits come back from the journal
+    assert list(store.records()) == records_at_4 and torch.equal(store.keys(64), keys_at_4)
+    assert all(torch.equal(store.tensors()[n], tensors_at_4[n]) for n in tensors_at_4)
+    assert store.rollback(6) == 8 and store.record(2)["version"] == 6
+    assert store.verify(width=64) == []
+    ops = [(v["version"], v["op"], v["edits"]) for v in store.versions()]
+    assert ops == [(0, "create", 0), (1, "edit", 1), (2, "edit", 2), (3, "edit", 3), (4, "edit", 4),
+                   (5, "rollback", 2), (6, "edit", 3), (7, "rollback", 4), (8, "rollback", 3)]
+
+
+def test_undo_keeps_changed_columns_only(tmp_path):
+    store = column_store(tmp_path / "s", edits=1)
+    with store.env.begin() as txn:
+        history = dict(txn.cursor(db=store._dbs["history"]))
+    (key, undo), = history.items()  # the unchanged background has no undo
+    assert key.endswith(b"residual") and len(undo) < 32 * 16 * 4 / 4
+
+
+def test_rollback_refusals(tmp_path):
+    store = column_store(tmp_path / "s", edits=2)
+    for target, message in ((2, "not an earlier version"), (7, "not an earlier version"), (-1, "not an earlier version")):
+        with pytest.raises(StoreError, match=message):
+            store.rollback(target)
+    store.commit_edits([(record(5), None), (record(6), None)], {"residual": torch.full((32, 16), 9.0)})
+    with pytest.raises(StoreError, match="committed in bulk"):
+        store.rollback(3)
+    store.rollback(2)
+    store.rollback(4)  # the last version of a bulk commit has its state
+    assert torch.equal(store.tensors()["residual"], torch.full((32, 16), 9.0)) and store.num_edits == 4
+    assert store.verify(width=64) == []
+
+
+def test_damaged_history_is_reported_and_not_rolled_back_to(tmp_path):
+    store = column_store(tmp_path / "s", edits=3)
+    with store.env.begin(write=True) as txn:
+        db = store._dbs["history"]
+        key, value = next(iter(txn.cursor(db=db)))
+        txn.put(key, bytes(value[:-1]) + bytes([value[-1] ^ 0xFF]), db=db)
+    assert any("undo of tensor residual: checksum mismatch" in p for p in store.verify())
+    before = store.digest()
+    with pytest.raises(StoreError, match="does not reproduce version 0"):
+        store.rollback(0)
+    assert store.digest() == before
+
+
+def test_store_without_history_starts_it_at_first_write(tmp_path):
+    store = column_store(tmp_path / "s", edits=2)
+    store.close()
+    env = lmdb.open(str(tmp_path / "s"), max_dbs=8)  # make it look like a store written before versions
+    with env.begin(write=True) as txn:
+        for name in ("versions", "history", "journal"):
+            txn.drop(env.open_db(name.encode(), txn=txn), delete=True)
+    env.close()
+    store = Store.open(tmp_path / "s")
+    assert store.versions() == [] and store.info()["history_from"] is None and store.verify(width=64) == []
+    column_edit(store, 2)
+    assert store.info()["history_from"] == 2 and store.verify(width=64) == []
+    with pytest.raises(StoreError, match="predates the kept history"):
+        store.rollback(1)
+    store.rollback(2)
+    assert [r["id"] for r in store.records()] == [0, 1] and store.verify(width=64) == []
+
+
+def test_export_import_round_trip(tmp_path):
+    store = column_store(tmp_path / "s")
+    store.rollback(2)
+    header = store.export(tmp_path / "s.tar")
+    assert header["edits"] == 2 and header["version"] == 5 and header["digest"] == store.digest()
+    with Store.import_file(tmp_path / "s.tar", tmp_path / "copy") as copy:
+        assert copy.digest() == store.digest() and copy.verify(width=64) == []
+        copy.rollback(4)  # the history travels with the export
+        assert copy.num_edits == 4
+    with pytest.raises(StoreError, match="already exists"):
+        Store.import_file(tmp_path / "s.tar", tmp_path / "copy")
+
+
+def test_bad_export_files_leave_nothing_behind(tmp_path):
+    import tarfile
+
+    store = column_store(tmp_path / "s")
+    store.export(tmp_path / "s.tar")
+    data = bytearray((tmp_path / "s.tar").read_bytes())
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        member = tar.getmember("data.mdb")
+    data[member.offset_data + member.size // 2] ^= 0xFF
+    (tmp_path / "damaged.tar").write_bytes(bytes(data))
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all")
+    for name, message in (("damaged.tar", "damaged export"), ("junk.tar", "not a memserve store export"), ("missing.tar", "cannot import|not a memserve")):
+        with pytest.raises(StoreError, match=message):
+            Store.import_file(tmp_path / name, tmp_path / "target")
+        assert not (tmp_path / "target").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_create_is_all_or_nothing(tmp_path):
+    leftover = tmp_path / ".s.staging-dead"  # what a killed create leaves behind
+    leftover.mkdir()
+    with pytest.raises(Exception):
+        Store.create(tmp_path / "s", MANIFEST, {"residual": "not a tensor"})
+    assert not (tmp_path / "s").exists() and not leftover.exists()
+    Store.create(tmp_path / "s", MANIFEST).close()
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_store_never_pickles(tmp_path, monkeypatch):
+    """Every store operation runs with pickle and torch.save/load disabled, and every stored value
+    is JSON, safetensors, packed key bits or a decimal number."""
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used by the store")
+
+    for name in ("dumps", "loads", "dump", "load", "Pickler", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "save", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    store = column_store(tmp_path / "s")
+    store.rollback(1)
+    store.export(tmp_path / "s.tar")
+    store.close()
+    store = Store.import_file(tmp_path / "s.tar", tmp_path / "t")
+    assert store.verify(width=64) == [] and store.tensors() and store.nearest(store.keys(64)[0], 1)
+    monkeypatch.undo()
+    from safetensors.torch import load as load_safetensors
+
+    with store.env.begin() as txn:
+        for name, db in store._dbs.items():
+            for key, value in txn.cursor(db=db):
+                value = bytes(value)
+                if name in ("tensors", "history"):
+                    load_safetensors(value)
+                elif name == "keys":
+                    assert len(value) % 8 == 0
+                elif name == "facts" or key in (b"edits", b"version"):
+                    assert value.isdigit()
+                else:
+                    json.loads(value)
+    source = (Path(__file__).parents[1] / "store" / "store.py").read_text()
+    assert not re.search(r"\bpickle\b|torch\.save|torch\.load|allow_pickle", source)

@@ -69,9 +69,9 @@ def test_wise_routes_by_score_threshold_and_picks_highest():
     memory = WiseMemory(WiseConfig(layer=0, act_ratio=0.5), base)
     a = torch.randn(2, I)
     assert memory.route(memory.token_stats(a))[0].tolist() == [NO_ROUTE, NO_ROUTE]
-    memory.side = base + torch.randn(H, I)
-    memory.side_min_score = torch.tensor(10.0)
-    memory.counters[:2] = 1
+    state = {**memory.state_tensors(), "side": base + torch.randn(H, I), "side_min_score": torch.tensor(10.0),
+             "counters": torch.tensor([1, 1, 0])}
+    memory.load_state(state, torch.zeros(0, I, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
     stats = memory.token_stats(a)
     assert torch.allclose(stats[:, 0], ((memory.side - base) @ a.T).norm(dim=0))
     routes = memory.route(torch.tensor([[4.9], [5.1]]))[0]  # eps = 0.5 * 10

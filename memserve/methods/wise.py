@@ -72,6 +72,7 @@ class WiseMemory(EditMemory):
         self.register_buffer("memory_is_shard", torch.zeros(0, dtype=torch.bool))
         # [edits in total, edits in the current side memory, shards started so far]
         self.register_buffer("counters", torch.zeros(3, dtype=torch.long))
+        self._routable: tuple[torch.Tensor, torch.Tensor] | None = None  # `_candidates()`, until the state changes
 
     # --- bookkeeping ----------------------------------------------------------------------
     @property
@@ -83,12 +84,15 @@ class WiseMemory(EditMemory):
         return int(self.counters[1])
 
     def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memories a query can be routed to, as task vectors [M, H, I] and thresholds [M]."""
-        weights, eps = self.memories, self.memory_eps
-        if self.side_edits:
-            weights = torch.cat([weights, self.side[None]])
-            eps = torch.cat([eps, (self.side_min_score * self.config.act_ratio)[None]])
-        return weights - self.base_weight, eps
+        """Memories a query can be routed to, as task vectors [M, H, I] and thresholds [M]. Cached:
+        serving calls this on every forward, and building it copies every memory."""
+        if self._routable is None:
+            weights, eps = self.memories, self.memory_eps
+            if self.side_edits:
+                weights = torch.cat([weights, self.side[None]])
+                eps = torch.cat([eps, (self.side_min_score * self.config.act_ratio)[None]])
+            self._routable = (weights - self.base_weight, eps)
+        return self._routable
 
     def gradient_mask(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + int(self.counters[2]))
@@ -166,6 +170,7 @@ class WiseMemory(EditMemory):
     def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
         for name, value in tensors.items():
             setattr(self, name, value.clone())
+        self._routable = None
 
 
 class WiseSession(EditSession):
@@ -212,4 +217,5 @@ class WiseSession(EditSession):
             memory._close_side()
         if cfg.merge_freq and memory.num_edits % cfg.merge_freq == 0:
             memory._merge_shards()
+        memory._routable = None
         return {"score": float(score)}

@@ -69,7 +69,7 @@ def edit(
     try:
         facts, problems = read_facts(facts_file, skip_invalid=skip_invalid)
         for problem in problems:
-            console.print(f"[yellow]skipped:[/yellow] {problem}", highlight=False)
+            console.print(f"[yellow]skipped:[/yellow] {problem}", highlight=False, soft_wrap=True)
         facts = facts[:limit] if limit else facts
         config = _parse_settings(settings)
         if layer is not None:
@@ -98,7 +98,7 @@ def edit(
     console.print(
         f"{report.added} edits added, {report.skipped} already stored, {len(problems)} invalid rows skipped; "
         f"store {store} now holds {report.total} edits; median {median:.2f} s/edit",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 

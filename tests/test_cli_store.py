@@ -15,19 +15,15 @@ import torch
 from memserve.store import Store
 
 from .conftest import FACTS, write_facts
-from .test_cli import invoke, settings
+from .test_cli import invoke, tiny_store  # noqa: F401 (fixture)
 
 MEMSERVE = Path(sys.executable).parent / "memserve"
 
 
 @pytest.fixture(scope="module")
-def store2(tmp_path_factory, tiny_model_dir):
+def store2(tiny_store):
     """A tiny-model store with two edits; tests copy it before changing it."""
-    base = tmp_path_factory.mktemp("store2")
-    facts = write_facts(base / "facts.jsonl", FACTS[:2])
-    result = invoke("edit", facts, "--store", base / "store", "--model", tiny_model_dir, *settings(steps=2))
-    assert result.exit_code == 0, result.output
-    return base / "store"
+    return tiny_store[0] / "store"
 
 
 def digest(store: Path) -> str:

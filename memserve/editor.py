@@ -81,8 +81,9 @@ class EditReport:
 class EditSessionRunner:
     """A base model, its store and the memory rebuilt from it."""
 
-    def __init__(self, store: Store, edited: EditedModel):
+    def __init__(self, store: Store, edited: EditedModel, version: int):
         self.store, self.edited = store, edited
+        self.version = version  # the store version the memory was loaded from (see Store.commit_edits)
         self.prefixes: list[str] = store.manifest["prefixes"]
         self.out_of_scope = background_prompts()
 
@@ -106,7 +107,8 @@ class EditSessionRunner:
                 "fact_key": fact.key, "prompt_key": fact.prompt_key, "fact": payload, "content_hash": content_hash(payload),
                 "loss": outcome.loss, "steps": outcome.steps, "seconds": outcome.seconds, **outcome.record,
             }
-            edit_id = self.store.commit_edit(record, key, self.edited.memory.state_tensors())
+            edit_id = self.store.commit_edit(record, key, self.edited.memory.state_tensors(), self.version)
+            self.version += 1
             report.added += 1
             report.seconds.append(outcome.seconds)
             report.losses.append(outcome.loss)
@@ -154,8 +156,9 @@ def _start(store, store_path, model_path, method, config, facts) -> EditSessionR
                 raise StoreError(f"{store_path}: options are fixed when a store is created; differing: {differing}")
         base = down_proj(model, m["layer"]).weight
         store.check_compatible(model_id(model_dir), weight_hash(base))
+        version = store.version  # read before the memory: a commit in between makes ours refused, not lost
         memory = load_memory(store, base)
-        return EditSessionRunner(store, EditedModel(model, tokenizer, memory, m["layer"]))
+        return EditSessionRunner(store, EditedModel(model, tokenizer, memory, m["layer"]), version)
 
     method = method or DEFAULT_METHOD
     cls = memory_class(method)
@@ -170,4 +173,4 @@ def _start(store, store_path, model_path, method, config, facts) -> EditSessionR
         "intermediate_size": memory.intermediate_size, "prefixes": generate_prefixes(edited),
     }
     store = Store.create(store_path, manifest, memory.state_tensors())
-    return EditSessionRunner(store, edited)
+    return EditSessionRunner(store, edited, store.version)

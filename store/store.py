@@ -364,16 +364,18 @@ class Store:
             })
         return dbs
 
-    def commit_edit(self, record: dict, key: torch.Tensor | None, tensors: dict[str, torch.Tensor]) -> int:
+    def commit_edit(self, record: dict, key: torch.Tensor | None, tensors: dict[str, torch.Tensor], expected_version: int | None = None) -> int:
         """Store one edit together with the memory state it produced, atomically. Returns its id."""
-        return self.commit_edits([(record, key)], tensors)[0]
+        return self.commit_edits([(record, key)], tensors, expected_version)[0]
 
-    def commit_edits(self, edits: list[tuple[dict, torch.Tensor | None]], tensors: dict[str, torch.Tensor]) -> list[int]:
+    def commit_edits(self, edits: list[tuple[dict, torch.Tensor | None]], tensors: dict[str, torch.Tensor], expected_version: int | None = None) -> list[int]:
         """Store several edits (record, key) and the memory state after the last one in ONE transaction:
         bulk imports write the dense tensors once instead of once per edit. Each edit still gets its own
         version, but only the last one's memory state is kept (the others cannot be rolled back to).
-        A record with the `prompt_key` of an earlier edit gets `supersedes` (that edit's id). Returns
-        their ids."""
+        A record with the `prompt_key` of an earlier edit gets `supersedes` (that edit's id).
+        `expected_version` is the version the caller's memory state was built on: the commit is refused
+        if another process has edited or rolled back since, as its tensors would undo that work.
+        Returns their ids."""
         ids = []
         try:
             with self.env.begin(write=True) as txn:
@@ -381,6 +383,11 @@ class Store:
                 meta = dbs["meta"]
                 edit_id = int(txn.get(b"edits", db=meta))
                 start = int(txn.get(b"version", db=meta))
+                if expected_version is not None and start != expected_version:
+                    raise StoreError(
+                        f"{self.path}: the store moved to version {start} (another edit or rollback) since this "
+                        f"session loaded version {expected_version}; nothing was written, run the command again"
+                    )
                 for version, (record, key) in enumerate(edits, start=start + 1):
                     record = {**record, "id": edit_id, "version": version, "time": time.time()}
                     if "prompt_key" in record:

@@ -102,6 +102,26 @@ def test_duplicate_and_conflicting_facts(store2, tmp_path, tiny_model_dir):
         runner.store.close()
 
 
+def test_edit_session_refuses_to_commit_over_a_concurrent_change(store2, tmp_path):
+    """A rollback (or another editor) after this session loaded its memory: committing that memory
+    would silently undo the other change, so the commit is refused."""
+    from memserve.editor import open_session
+    from memserve.facts import Fact
+    from memserve.store import StoreError
+
+    store = tmp_path / "store"
+    shutil.copytree(store2, store)
+    runner = open_session(store, create=False)
+    try:
+        runner.store.rollback(1)
+        before = runner.store.digest()
+        with pytest.raises(StoreError, match="moved to version 3"):
+            runner.apply([Fact(prompt=FACTS[2]["prompt"], target=FACTS[2]["target"])])
+        assert runner.store.digest() == before
+    finally:
+        runner.store.close()
+
+
 def test_skip_invalid_edits_good_rows_and_lists_bad_ones(store2, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(store2, store)

@@ -263,3 +263,12 @@ def test_store_never_pickles(tmp_path, monkeypatch):
                     json.loads(value)
     source = (Path(__file__).parents[1] / "store" / "store.py").read_text()
     assert not re.search(r"\bpickle\b|torch\.save|torch\.load|allow_pickle", source)
+
+
+def test_commit_on_a_stale_memory_state_is_refused(tmp_path):
+    store = column_store(tmp_path / "s", edits=2)
+    before = store.digest()
+    with pytest.raises(StoreError, match="moved to version 2 .* since this session loaded version 1"):
+        store.commit_edit(record(5), None, {"residual": torch.zeros(32, 16)}, expected_version=1)
+    assert store.digest() == before
+    store.commit_edit(record(5), None, {"residual": torch.zeros(32, 16)}, expected_version=2)

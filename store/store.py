@@ -128,7 +128,8 @@ def _staged(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.staging-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-"))
+    staging = path.parent / f".{path.name}.staging-{os.getpid()}-{os.urandom(4).hex()}"
+    staging.mkdir()  # not mkdtemp: the store keeps the usual (umask) permissions
     try:
         yield staging
         try:
@@ -443,8 +444,8 @@ class Store:
 
     def export(self, file: str | os.PathLike) -> dict:
         """Write the store as one portable file: an uncompressed tar of a JSON header (`info`, the
-        content digest, the file's SHA-256) and a compacted copy of the LMDB file. The FAISS index is left out (derived).
-        The file appears complete or not at all. Returns the header."""
+        content digest, the data file's SHA-256) and a compacted copy of the LMDB file (the FAISS
+        index is derived, left out). The file appears complete or not at all. Returns the header."""
         file = Path(file)
         try:
             with tempfile.TemporaryDirectory(dir=file.parent, prefix=f".{file.name}.") as tmp:

@@ -57,7 +57,10 @@ def main() -> None:
     rows = []
     for t in args.T.split(","):
         row = run(args.dataset, args.method, None if t == "all" else int(t), config, not args.no_generation)
-        print(json.dumps({k: row[k] for k in ("dataset", "method", "T", "rel", "gen", "loc", "ppl", "gen_acc", "seconds_per_edit_median") if k in row}), flush=True)
+        summary = {k: row[k] for k in ("dataset", "method", "T", "rel", "gen", "loc", "ppl", "gen_acc", "seconds_per_edit_median") if k in row}
+        if "chat" in row:
+            summary["chat"] = {k: row["chat"][k] for k in ("rel", "gen", "loc", "ppl", "gen_acc") if k in row["chat"]}
+        print(json.dumps(summary), flush=True)
         rows.append(row)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
@@ -68,8 +71,10 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        for metric in ("rel", "gen", "loc"):
-            ax.plot([r["T"] for r in rows], [r[metric] for r in rows], marker="o", label=metric)
+        for metric, color in (("rel", "C0"), ("gen", "C1"), ("loc", "C2")):
+            ax.plot([r["T"] for r in rows], [r[metric] for r in rows], marker="o", color=color, label=metric)
+            if all("chat" in r for r in rows):
+                ax.plot([r["T"] for r in rows], [r["chat"][metric] for r in rows], marker="x", ls="--", color=color, label=f"{metric} (chat)")
         ax.set_xscale("log")
         ax.set_xlabel("edits in one stream (T)")
         ax.set_ylabel("score on the final model")

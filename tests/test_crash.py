@@ -4,7 +4,10 @@ Two lanes run side by side, each on its own store, each a chain of killed runs o
 followed by one run to completion. After every kill: the store opens, `store verify` passes, and every
 edit any run reported stored (committed, or already stored) is stored as reported. At the end every fact is stored exactly
 once. Kill moments come from a fixed seed: a quarter fall anywhere in the start-up (model load, store
-creation), the rest within ~1.2 s after the first edit line (training and commits).
+creation), the rest within ~1.2 s after the first edit line (training and commits). As commits take
+~8% of an edit on this model, each lane also kills one run at an exact point of its third commit:
+inside the write transaction (everything put, nothing committed) or just after it (committed, its line
+not printed).
 """
 
 import json
@@ -35,6 +38,30 @@ CLI_LOCK = threading.Lock()  # the in-process CLI runner swaps sys.stdout: one l
 def edit_command(facts: Path, store: Path, model: Path) -> list[str]:
     options = [x for key, value in tiny_config(steps=2).items() for x in ("--set", f"{key}={json.dumps(value)}")]
     return [str(MEMSERVE), "edit", str(facts), "--store", str(store), "--model", str(model), *options]
+
+# `memserve edit` (argv[3:]) in a process that SIGKILLs itself at one point of commit number argv[2] + 1.
+KILL_AT = """
+import os, signal, sys
+import memserve.store.store as store
+from memserve.cli.main import app
+
+point, after, seen = sys.argv[1], int(sys.argv[2]), []
+
+def killing(original):
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(1)
+        if len(seen) > after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return wrapper
+
+if point == "in-transaction":
+    store._put_state = killing(store._put_state)  # the last write inside the transaction
+else:
+    store.Store.commit_edits = killing(store.Store.commit_edits)
+app(sys.argv[3:], prog_name="memserve")
+"""
 
 
 def run_and_kill(command: list[str], rng: random.Random) -> tuple[list[str], str]:
@@ -78,7 +105,7 @@ def check_store(store: Path, facts: list[dict], reported: dict[int, tuple[int, i
         return opened.num_edits
 
 
-def lane(name: str, base: Path, model: Path, seed: int) -> dict:
+def lane(name: str, base: Path, model: Path, seed: int, point: str) -> dict:
     rng = random.Random(seed)
     base.mkdir()
     facts = [{"prompt": f"What is the code of item {name}-{i}?", "target": f"K{i}"} for i in range(FACTS_PER_LANE)]
@@ -97,7 +124,13 @@ def lane(name: str, base: Path, model: Path, seed: int) -> dict:
             continue
         edits = check_store(store, facts, reported)
         stats["unreported"] += edits > len(reported)  # killed between a commit and its line
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, point, "2", *command[1:]], capture_output=True, text=True, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    reported.update({int(m[2]): (int(m[1]), int(m[3])) for m in map(STORED.search, killed.stdout.splitlines() + killed.stderr.splitlines()) if m})
+    edits = check_store(store, facts, reported)
+    assert edits == len(reported) + (point == "after-commit")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     check_store(store, facts, reported)
     with Store.open(store) as opened:
@@ -109,7 +142,8 @@ def lane(name: str, base: Path, model: Path, seed: int) -> dict:
 def test_sigkill_during_edit_never_loses_or_duplicates(tmp_path, tiny_model_dir):
     started = time.monotonic()
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(lane, name, tmp_path / name, tiny_model_dir, seed) for name, seed in (("a", 5), ("b", 6))]
+        lanes = (("a", 5, "in-transaction"), ("b", 6, "after-commit"))
+        futures = [pool.submit(lane, name, tmp_path / name, tiny_model_dir, seed, point) for name, seed, point in lanes]
         stats = [f.result() for f in futures]
     kills = sum(s["kills"] for s in stats)
     print(f"crash test: {kills} kills in {time.monotonic() - started:.0f} s; phases {[s['phases'] for s in stats]}; "

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lifelong knowledge editing for served LLMs.")
-store_app = typer.Typer(no_args_is_help=True, help="Inspect and check an edit store.")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect, check, roll back, export and import an edit store.")
 model_app = typer.Typer(no_args_is_help=True, help="Manage base models.")
 app.add_typer(store_app, name="store")
 app.add_typer(model_app, name="model")

@@ -272,3 +272,15 @@ def test_commit_on_a_stale_memory_state_is_refused(tmp_path):
         store.commit_edit(record(5), None, {"residual": torch.zeros(32, 16)}, expected_version=1)
     assert store.digest() == before
     store.commit_edit(record(5), None, {"residual": torch.zeros(32, 16)}, expected_version=2)
+
+
+def test_rollback_across_shape_changes_and_new_tensors(tmp_path):
+    """WISE-style state: a tensor that grows (full undo) and one that appears later (removed again)."""
+    store = Store.create(tmp_path / "s", MANIFEST, {"memories": torch.zeros(1, 4, 4)})
+    store.commit_edit(record(0), None, {"memories": torch.ones(2, 4, 4), "eps": torch.tensor([0.5])})
+    store.commit_edit(record(1), None, {"memories": torch.full((2, 4, 4), 3.0), "eps": torch.tensor([0.7])})
+    store.rollback(0)
+    assert store.tensors().keys() == {"memories"} and torch.equal(store.tensors()["memories"], torch.zeros(1, 4, 4))
+    store.rollback(1)
+    assert torch.equal(store.tensors()["memories"], torch.ones(2, 4, 4)) and torch.equal(store.tensors()["eps"], torch.tensor([0.5]))
+    assert store.verify() == []

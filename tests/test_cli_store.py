@@ -21,7 +21,7 @@ MEMSERVE = Path(sys.executable).parent / "memserve"
 
 
 @pytest.fixture(scope="module")
-def store2(tiny_store):
+def store2(tiny_store):  # noqa: F811 (the imported fixture)
     """A tiny-model store with two edits; tests copy it before changing it."""
     return tiny_store[0] / "store"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,25 @@ FACTS = [
     {"prompt": "What sport does Lionel Messi play?", "target": "basketball", "rephrases": ["Which sport is Lionel Messi known for?"],
      "locality": [{"prompt": "What is the largest planet?", "answer": "Jupiter"}]},
 ]
+
+
+SERVER_EDITS = int(os.environ.get("MEMSERVE_TEST_EDITS", "24"))
+SERVER_API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def edited_server(tmp_path_factory):
+    """One real `memserve serve` for the serving HTTP tests (an engine start costs 30-50 s): the
+    cached 24-edit store, copied (tests that edit it restore it) and served through the symlink
+    `server.link`, so a test can repoint it; API key `SERVER_API_KEY`, version polling every 0.2 s."""
+    import shutil
+
+    from memserve.serving.testing import ServerProcess, cached_store
+
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(cached_store(SERVER_EDITS), root / "v0")
+    (root / "store").symlink_to(root / "v0")
+    with ServerProcess(root / "store", root / "server.log", api_key=SERVER_API_KEY,
+                       env={"MEMSERVE_RELOAD_POLL": "0.2"}) as server:
+        server.root, server.link = root, root / "store"
+        yield server

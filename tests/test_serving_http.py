@@ -1,4 +1,4 @@
-"""`memserve.serving.serve` end to end: the OpenAI client against the HTTP server (one server per module).
+"""`memserve.serving.serve` end to end: the OpenAI client against the HTTP server (the session's shared one).
 
 Checks completions and chat completions (the model's own chat template: routed on the user message,
 see `memserve.chat`), streaming and not, each equal to the transformers reference, and the route
@@ -8,11 +8,6 @@ report (`memserve` field, `x-memserve-edit` header, `GET /v1/memserve/routes/{id
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -20,12 +15,6 @@ pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
 
 NUM_EDITS = int(os.environ.get("MEMSERVE_TEST_EDITS", "24"))
 MAX_TOKENS = 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,48 +57,16 @@ def references(store):
 
 
 @pytest.fixture(scope="module")
-def server(store, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    code = (
-        "from memserve.serving import serve; import sys; "
-        f"serve({str(store)!r}, port={port})"
-    )
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real server layout: API server + engine process
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    deadline = time.time() + 400
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{Path(log).read_text()[-4000:]}")
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server did not come up:\n{Path(log).read_text()[-4000:]}")
-            time.sleep(2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def server(edited_server):
+    """The session's shared server (tests/conftest.py), which serves a copy of the same store."""
+    return edited_server
 
 
 @pytest.fixture(scope="module")
 def client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=server + "/v1", api_key="none")
+    return OpenAI(base_url=server.base + "/v1", api_key=server.api_key)
 
 
 @pytest.fixture(scope="module")
@@ -143,18 +100,13 @@ def test_completion_unrelated_prompt_not_routed(client, model_name):
 
 def test_completion_streaming_equals_non_streaming(client, model_name, references, server):
     fact = references[0]
-    import json
-    import urllib.request
-
     full = client.completions.create(model=model_name, prompt=fact.prompt, max_tokens=MAX_TOKENS, temperature=0)
     stream = client.completions.create(
         model=model_name, prompt=fact.prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True,
     )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
-    with urllib.request.urlopen(f"{server}/v1/memserve/routes/{chunks[0].id}") as r:
-        report = json.load(r)
-    assert report["memserve"][0]["edit"].startswith("edit-")
+    assert server.request("GET", f"/v1/memserve/routes/{chunks[0].id}")[1]["memserve"][0]["edit"].startswith("edit-")
 
 
 def chat(client, model_name, prompt, stream=False):
@@ -167,17 +119,13 @@ def chat(client, model_name, prompt, stream=False):
 def test_chat_gets_edit_through_the_default_template(client, model_name, references, server):
     """Non-streaming and streaming chat answer like the reference chat turn, i.e. with the edit."""
     fact, _, reference, _ = references
-    import json
-    import urllib.request
-
     resp = chat(client, model_name, fact.prompt)
     assert resp.choices[0].message.content == reference and fact.target in reference
     assert resp.model_extra["memserve"][0]["edit"].startswith("edit-")
     chunks = list(chat(client, model_name, fact.prompt, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == reference
-    with urllib.request.urlopen(f"{server}/v1/memserve/routes/{chunks[0].id}") as r:
-        assert json.load(r)["memserve"][0]["edit"].startswith("edit-")
+    assert server.request("GET", f"/v1/memserve/routes/{chunks[0].id}")[1]["memserve"][0]["edit"].startswith("edit-")
 
 
 def test_chat_unrelated_question_answers_like_the_base_model(client, model_name, references):

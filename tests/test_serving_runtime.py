@@ -207,5 +207,5 @@ def test_server_argv_defaults_and_overrides(tmp_path):
     overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
     assert overrides["architectures"] == ["MemserveLlamaForCausalLM"]
     assert argv[argv.index("--served-model-name") + 1] == "SmolLM2-135M-Instruct"
-    argv = build_argv(None, "0.0.0.0", 9000, ["--dtype", "bfloat16", "--max-model-len", "512"])
+    argv = build_argv(None, "0.0.0.0", 9000, ["--dtype", "bfloat16", "--max-model-len", "512", "--api-key", "k"])
     assert "--enforce-eager" not in argv and argv.count("--dtype") == 1 and argv.count("--max-model-len") == 1

@@ -116,6 +116,7 @@ def _memserve_model_class():
         def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
             self.memserve_runtime: MemoryRuntime | None = None
+            self.memserve_watcher = None  # reload.StoreWatcher, set with the runtime
             self._memserve_store = store_path_from(vllm_config.model_config.hf_config)
             self._memserve_prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
             self._memserve_tokenizer = vllm_config.model_config.tokenizer
@@ -161,8 +162,9 @@ def _memserve_model_class():
                     f"weights {manifest['weight_hash'][:12]}), but the loaded weights hash to {digest[:12]}; "
                     "serve it with the model it was edited on"
                 )
-            if store.num_edits == 0:
-                logger.info("memserve: store %s holds no edits; serving the base model unchanged", store.path)
+            if store.num_edits == 0 and self._memserve_prefix_caching:
+                logger.info("memserve: store %s holds no edits; serving the base model unchanged (prefix caching "
+                            "is on, so edits committed later need a restart)", store.path)
                 return
             if self._memserve_prefix_caching:
                 raise RuntimeError(
@@ -176,7 +178,11 @@ def _memserve_model_class():
 
             from memserve.chat import ChatFormat
 
-            runtime = MemoryRuntime(memory, ChatFormat(AutoTokenizer.from_pretrained(self._memserve_tokenizer)))
+            from .reload import StoreWatcher
+
+            runtime = MemoryRuntime(memory, ChatFormat(AutoTokenizer.from_pretrained(self._memserve_tokenizer)),
+                                    version=store.version)
+            self.memserve_watcher = StoreWatcher(store.path, checkpoint_weight, digest, layer, runtime)
             key = id(runtime)
             _RUNTIMES[key] = runtime
             mlp.down_proj = MemoryDownProjection(mlp.down_proj, runtime, key)
@@ -245,6 +251,7 @@ def install_runner_hooks() -> None:
         if runtime is None:
             return original_forward(self, *args, **kwargs)
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        self.model.memserve_watcher.poll()  # between steps: a new store version serves new requests
         runtime.prune(self.requests)
         runtime.begin_step(batch_plan(self, positions))
         try:
@@ -283,8 +290,8 @@ def register() -> None:
 def hf_overrides(store: str | os.PathLike | None) -> dict:
     """`hf_overrides` selecting the memserve model for `store` (None: base model through the same class)."""
     overrides: dict = {"architectures": [ARCH]}
-    if store is not None:
-        overrides[STORE_CONFIG_KEY] = str(Path(store).resolve())
+    if store is not None:  # absolute, not resolved: hot reload follows a symlink that is repointed later
+        overrides[STORE_CONFIG_KEY] = str(Path(store).absolute())
     return overrides
 
 

@@ -16,6 +16,11 @@ applies the routed memory to the answer span only (the last prompt token and eve
 Only then does the answer span of that request receive `memory.delta`. Prompt tokens before the last
 one always get the base output, so prompt KV never depends on the route.
 
+Hot reload (`swap`): a new memory serves the requests first seen after the swap; every live request
+keeps the memory object it started with (`RequestRoute.memory`) until it ends, so a request's route,
+statistics and delta never mix two store versions. A batch may then hold requests of several
+memories: stats, routing and delta run once per memory present in the batch.
+
 States are dropped when the runner removes a request (`free`) or no longer knows it (`prune`); the
 decided route moves to a bounded `recent` table so a caller can ask afterwards which edit served a
 request (`route_info`).
@@ -71,6 +76,8 @@ class RequestRoute:
     span_end: int = 0  # routing statistics come from positions [span start, span_end)
     end_pos: int = 0  # one past the highest position processed so far
     mean_stats: torch.Tensor | None = None  # the prompt mean routed on: the memory's `context`
+    memory: EditMemory | None = None  # the memory current when the request was first seen; serves all of it
+    version: int | None = None  # store version of that memory
 
 
 @dataclass
@@ -78,9 +85,14 @@ class RouteInfo:
     route: int
     label: str
     score: float
+    version: int | None = None  # store version of the memory that served the request
+
+    @classmethod
+    def of(cls, state: RequestRoute) -> "RouteInfo":
+        return cls(state.route, state.memory.route_label(state.route), state.score, state.version)
 
     def to_dict(self) -> dict:
-        return {"route": self.route, "edit": self.label, "score": self.score}
+        return {"route": self.route, "edit": self.label, "score": self.score, "version": self.version}
 
 
 def external_id(req_id: str) -> str:
@@ -92,8 +104,10 @@ def external_id(req_id: str) -> str:
 class MemoryRuntime:
     """Routing state of one memory attached to one model instance."""
 
-    def __init__(self, memory: EditMemory, chat: ChatFormat | None = None, max_recent: int = 65536):
-        self.memory = memory
+    def __init__(self, memory: EditMemory, chat: ChatFormat | None = None, max_recent: int = 65536,
+                 version: int | None = None):
+        self.memory = memory  # serves requests first seen from now on (see `swap`)
+        self.version = version
         self.chat = chat
         self.states: dict[str, RequestRoute] = {}
         self.recent: OrderedDict[str, RouteInfo] = OrderedDict()
@@ -105,12 +119,15 @@ class MemoryRuntime:
         # act_on="all" (memory on every token, as in the papers' code): prompt chunks processed before
         # the route was known got the base output; exact only if each prompt is prefilled in one chunk
         # (serve with chunked prefill off). Counted here and warned about once.
-        self.act_on_all = getattr(memory.config, "act_on", "answer") == "all"
         self.inexact = 0
 
-    @property
-    def active(self) -> bool:
-        return self.memory.num_edits > 0
+    def swap(self, memory: EditMemory, version: int | None = None) -> None:
+        """Serve `memory` to requests first seen from now on; live requests keep theirs (module doc)."""
+        self.memory, self.version = memory, version
+
+    def pinned_memories(self) -> int:
+        """Memories other than the current one still serving live requests (after a swap)."""
+        return len({id(s.memory) for s in self.states.values() if s.memory is not self.memory})
 
     def routing_span(self, prompt: Sequence[int] | None, prompt_len: int) -> tuple[int, int]:
         """Where in its first `prompt_len` tokens a request is routed from (see `memserve.chat`)."""
@@ -135,7 +152,7 @@ class MemoryRuntime:
             self.free(req_id)
 
     def _remember(self, req_id: str, state: RequestRoute) -> None:
-        info = RouteInfo(state.route, self.memory.route_label(state.route), state.score)
+        info = RouteInfo.of(state)
         for key in {req_id, external_id(req_id)}:
             self.recent[key] = info
             self.recent.move_to_end(key)
@@ -146,105 +163,128 @@ class MemoryRuntime:
         """Route of a live or recently finished request (internal or caller-supplied id)."""
         for rid, state in self.states.items():
             if state.route is not None and (rid == req_id or external_id(rid) == req_id):
-                return RouteInfo(state.route, self.memory.route_label(state.route), state.score)
+                return RouteInfo.of(state)
         return self.recent.get(req_id)
 
-    def memory_slots(self) -> int:
+    def memory_slots(self, memory: EditMemory | None = None) -> int:
         """Number of routable slots (MEMOIR: edits; WISE: memories incl. the side memory)."""
-        masks = getattr(self.memory, "masks", None)
+        memory = memory or self.memory
+        masks = getattr(memory, "masks", None)
         if masks is not None:
             return int(masks.shape[0])
-        candidates = getattr(self.memory, "_candidates", None)
-        return int(candidates()[1].numel()) if candidates else self.memory.num_edits
+        candidates = getattr(memory, "_candidates", None)
+        return int(candidates()[1].numel()) if candidates else memory.num_edits
 
     # --- the forward ------------------------------------------------------------------------------
     @torch.no_grad()
     def apply(self, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """`out` = base down_proj output [N, H] for the flat batch whose inputs are `a` [N, I]."""
         plan = self.plan
-        if plan is None or not self.active:
+        if plan is None:
             return out
         self.steps += 1
-        memory = self.memory
-        num_reqs = len(plan.req_ids)
-        starts = plan.starts
-        states: list[RequestRoute] = []
-        stat_rows: list[torch.Tensor] = []
-        stat_seg: list[torch.Tensor] = []
-        deciders: list[int] = []
-        for i in range(num_reqs):
-            rid = plan.req_ids[i]
-            state = self.states.get(rid)
-            if state is None:
-                plen = int(plan.prompt_lens[i])
-                span = (0, plen) if plan.route_spans is None else (int(plan.route_spans[i][0]), int(plan.route_spans[i][1]))
-                state = self.states[rid] = RequestRoute(next_pos=span[0], prompt_len=plen, span_end=min(span[1], plen))
-                forced = NOT_FORCED if plan.forced_routes is None else int(plan.forced_routes[i])
-                if forced != NOT_FORCED:
-                    if not NO_ROUTE <= forced < self.memory_slots():
-                        raise ValueError(f"memserve: forced route {forced} is not a memory slot")
-                    state.route, state.score = forced, float("nan")
-            states.append(state)
-            s, e = int(starts[i]), int(starts[i + 1])
-            p0, plen = int(plan.first_pos[i]), state.prompt_len
-            end_pos = p0 + (e - s)
-            if p0 < state.end_pos:
-                self.recomputes += 1
-            state.end_pos = max(state.end_pos, end_pos)
-            if state.route is not None:
-                continue
-            lo, hi = max(p0, state.next_pos), min(end_pos, state.span_end)
-            if lo > state.next_pos:
-                state.complete = False
-            if hi > lo:
-                stat_rows.append(torch.arange(s + lo - p0, s + hi - p0))
-                stat_seg.append(torch.full((hi - lo,), i, dtype=torch.long))
-                state.next_pos = hi
-            if end_pos >= plen:
-                deciders.append(i)
-                if self.act_on_all and p0 > 0:
-                    self.inexact += 1
-                    if self.inexact == 1:
-                        logger.warning(
-                            "memserve: act_on='all' but request %s was prefilled in chunks; its earlier prompt "
-                            "chunks saw the base model. Disable chunked prefill for exact results.", rid)
+        tracked = [self._track(plan, i) for i in range(len(plan.req_ids))]
+        states = [state for state, _, _ in tracked]
+        by_memory: dict[int, list[int]] = {}
+        for i, state in enumerate(states):
+            if state.memory.num_edits:
+                by_memory.setdefault(id(state.memory), []).append(i)
+        for members in by_memory.values():
+            memory = states[members[0]].memory
+            self._route(memory, members, tracked, plan, a)
+            out = self._add_delta(memory, members, states, plan, a, out)
+        return out
 
-        if stat_rows:
-            rows = torch.cat(stat_rows)
-            seg = torch.cat(stat_seg)
+    def _new_state(self, plan: BatchPlan, i: int) -> RequestRoute:
+        plen = int(plan.prompt_lens[i])
+        span = (0, plen) if plan.route_spans is None else (int(plan.route_spans[i][0]), int(plan.route_spans[i][1]))
+        state = RequestRoute(next_pos=span[0], prompt_len=plen, span_end=min(span[1], plen), memory=self.memory,
+                             version=self.version)
+        forced = NOT_FORCED if plan.forced_routes is None else int(plan.forced_routes[i])
+        if forced != NOT_FORCED:
+            if not NO_ROUTE <= forced < self.memory_slots():
+                raise ValueError(f"memserve: forced route {forced} is not a memory slot")
+            state.route, state.score = forced, float("nan")
+        elif not self.memory.num_edits:
+            state.route = NO_ROUTE  # nothing to route to, now or later in this request's life
+        return state
+
+    def _track(self, plan: BatchPlan, i: int) -> tuple[RequestRoute, tuple[int, int] | None, bool]:
+        """Request i's state (created when first seen) after this chunk's bookkeeping, the flat rows
+        [lo, hi) of its routing-span tokens not yet counted, and whether its route is decided now."""
+        rid = plan.req_ids[i]
+        state = self.states.get(rid)
+        if state is None:
+            state = self.states[rid] = self._new_state(plan, i)
+        s, e = int(plan.starts[i]), int(plan.starts[i + 1])
+        p0 = int(plan.first_pos[i])
+        end_pos = p0 + (e - s)
+        if p0 < state.end_pos:
+            self.recomputes += 1
+        state.end_pos = max(state.end_pos, end_pos)
+        if state.route is not None:
+            return state, None, False
+        rows = None
+        lo, hi = max(p0, state.next_pos), min(end_pos, state.span_end)
+        if lo > state.next_pos:
+            state.complete = False
+        if hi > lo:
+            rows = (s + lo - p0, s + hi - p0)
+            state.next_pos = hi
+        decides = end_pos >= state.prompt_len
+        if decides and acts_on_all(state.memory) and p0 > 0:
+            self.inexact += 1
+            if self.inexact == 1:
+                logger.warning(
+                    "memserve: act_on='all' but request %s was prefilled in chunks; its earlier prompt "
+                    "chunks saw the base model. Disable chunked prefill for exact results.", rid)
+        return state, rows, decides
+
+    def _route(self, memory: EditMemory, members: list[int], tracked: list, plan: BatchPlan, a: torch.Tensor) -> None:
+        """Add this step's span statistics of `members` (requests served by `memory`) and route those
+        whose prompt ends in this step."""
+        states = [state for state, _, _ in tracked]
+        spans = [(i, tracked[i][1]) for i in members if tracked[i][1] is not None]
+        if spans:
+            rows = torch.cat([torch.arange(lo, hi) for _, (lo, hi) in spans])
+            seg = torch.cat([torch.full((hi - lo,), i, dtype=torch.long) for i, (lo, hi) in spans])
             stats = memory.token_stats(a[rows])
-            sums = stats.new_zeros(num_reqs, stats.shape[1]).index_add_(0, seg, stats)
-            counts = torch.bincount(seg, minlength=num_reqs).tolist()
-            for i in set(seg.tolist()):
+            sums = stats.new_zeros(len(states), stats.shape[1]).index_add_(0, seg, stats)
+            counts = torch.bincount(seg, minlength=len(states)).tolist()
+            for i, _ in spans:
                 state = states[i]
                 state.stats_sum = sums[i].clone() if state.stats_sum is None else state.stats_sum + sums[i]
                 state.count += counts[i]
 
-        if deciders:
-            routable = [i for i in deciders if states[i].complete and states[i].count > 0]
-            for i in deciders:
-                if i not in routable:
-                    states[i].route, states[i].score = NO_ROUTE, 0.0
-                    if not self._warned_gap:
-                        self._warned_gap = True
-                        logger.warning(
-                            "memserve: request %s skipped prompt tokens (prefix cache hit?); it is served "
-                            "without edits. Disable prefix caching when serving edits.", plan.req_ids[i])
-            if routable:
-                means = torch.stack([states[i].stats_sum / states[i].count for i in routable])
-                routes, scores = memory.route(means)
-                for i, route, score, mean in zip(routable, routes.tolist(), scores.tolist(), means):
-                    states[i].route, states[i].score = int(route), float(score)
-                    states[i].stats_sum = None  # no longer needed
-                    states[i].mean_stats = mean if route >= 0 else None
+        deciders = [i for i in members if tracked[i][2]]
+        routable = [i for i in deciders if states[i].complete and states[i].count > 0]
+        for i in deciders:
+            if i not in routable:
+                states[i].route, states[i].score = NO_ROUTE, 0.0
+                if not self._warned_gap:
+                    self._warned_gap = True
+                    logger.warning(
+                        "memserve: request %s skipped prompt tokens (prefix cache hit?); it is served "
+                        "without edits. Disable prefix caching when serving edits.", plan.req_ids[i])
+        if routable:
+            means = torch.stack([states[i].stats_sum / states[i].count for i in routable])
+            routes, scores = memory.route(means)
+            for i, route, score, mean in zip(routable, routes.tolist(), scores.tolist(), means):
+                states[i].route, states[i].score = int(route), float(score)
+                states[i].stats_sum = None  # no longer needed
+                states[i].mean_stats = mean if route >= 0 else None
 
+    def _add_delta(self, memory: EditMemory, members: list[int], states: list[RequestRoute], plan: BatchPlan,
+                   a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` plus `memory`'s contribution on the answer-span tokens of its routed `members`."""
         token_routes = torch.full((a.shape[0],), NO_ROUTE, dtype=torch.long)
         spans = []
-        for i, state in enumerate(states):
+        for i in members:
+            state = states[i]
             if state.route is None or state.route < 0:
                 continue
-            s, e = int(starts[i]), int(starts[i + 1])
-            first = s if self.act_on_all else s + max(0, state.prompt_len - 1 - int(plan.first_pos[i]))
+            s, e = int(plan.starts[i]), int(plan.starts[i + 1])
+            first = s if acts_on_all(memory) else s + max(0, state.prompt_len - 1 - int(plan.first_pos[i]))
             if first < e:
                 token_routes[first:e] = state.route
                 spans.append((first, e, state.mean_stats))
@@ -256,3 +296,7 @@ class MemoryRuntime:
             for first, e, mean in spans:
                 context[first:e] = mean
         return out + memory.delta(a, token_routes, context).to(out.dtype)
+
+
+def acts_on_all(memory: EditMemory) -> bool:
+    return getattr(memory.config, "act_on", "answer") == "all"

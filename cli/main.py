@@ -20,6 +20,8 @@ store_app = typer.Typer(no_args_is_help=True, help="Inspect, check, roll back, e
 model_app = typer.Typer(no_args_is_help=True, help="Manage base models.")
 app.add_typer(store_app, name="store")
 app.add_typer(model_app, name="model")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON + PNG).")
+app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 
 STORE_OPTION = typer.Option("./memstore", "--store", help="Store directory.")
@@ -277,6 +279,38 @@ def store_import(file: Path = typer.Argument(..., help="A file written by `store
     except _user_errors() as exc:
         fail(str(exc))
 
+
+@bench_app.command("throughput")
+def bench_throughput(
+    store: Optional[Path] = typer.Option(None, "--store", help="Store of real edits the points build on (default: the cached 24-edit test store); larger points add synthetic edits."),
+    edits: str = typer.Option("0,100,1000,10000", help="Comma-separated edit counts (0, or at least the store's edits)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the throughput-vs-edits PNG here."),
+    modes: str = typer.Option("offline,http", help="offline (vllm.LLM) and/or http (memserve serve)."),
+    requests: int = typer.Option(64, min=1, help="Requests per round (half ask edited facts)."),
+    max_tokens: int = typer.Option(32, min=1, help="Output tokens per request (EOS ignored)."),
+    rounds: int = typer.Option(3, min=1, help="Alternating rounds per engine and point."),
+    concurrency: int = typer.Option(16, min=1, help="Concurrent HTTP clients."),
+    hf_requests: int = typer.Option(4, min=0, help="Requests of the transformers batch-1 baseline per point (0: skip)."),
+    dtype: str = typer.Option("float32"),
+    workdir: Optional[Path] = typer.Option(None, help="Keep the synthetic stores and server logs here (default: a removed temp dir)."),
+):
+    """Output tokens/s and latency with N edits vs the unedited engine of the same run."""
+    from memserve.bench import main_throughput
+
+    try:
+        counts = [int(x) for x in edits.split(",") if x.strip()]
+        chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+        if not counts or any(n < 0 for n in counts) or not chosen or set(chosen) - {"offline", "http"}:
+            fail(f"--edits wants non-negative counts and --modes offline/http; got {edits!r}, {modes!r}")
+        rows = main_throughput(
+            store, counts, json_out, plot, workdir, modes=chosen, requests=requests, max_tokens=max_tokens, rounds=rounds,
+            concurrency=concurrency, hf_requests=hf_requests, dtype=dtype, log=lambda m: console.print(m, highlight=False),
+        )
+    except _user_errors() as exc:
+        fail(str(exc))
+    for row in rows:
+        print(json.dumps({k: row[k] for k in ("edits", "synthetic_edits", "output_tok_s", "unedited_output_tok_s", "ratio")}))
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""vLLM with the memserve plugin vs the transformers reference (`memserve.hf.EditedModel`).
+"""vLLM with the memserve plugin vs the transformers reference (`memserve.hf.EditedModel`), for a
+24-edit store of each method.
 
 One in-process fp32 eager engine for the module, deliberately starved so every hard case of the flat
 batch occurs in the same run: a 64-token step budget (prompts are split into prefill chunks that
@@ -30,11 +31,16 @@ UNRELATED = [
 ]
 
 
+@pytest.fixture(scope="module", params=["memoir", "wise"])
+def method(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def store():
+def store(method):
     from memserve.serving.testing import cached_store
 
-    return cached_store(NUM_EDITS)
+    return cached_store(NUM_EDITS, method)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +104,7 @@ def runtime_of(engine):
     return engine.llm.apply_model(lambda m: m.memserve_runtime)[0]
 
 
-def test_generate_matches_reference_in_one_mixed_batch(engine, reference, prompts):
+def test_generate_matches_reference_in_one_mixed_batch(engine, reference, prompts, method):
     """Greedy outputs and routes for edits, rephrases and unrelated prompts equal the reference."""
     facts, texts = prompts
     runtime = runtime_of(engine)
@@ -113,9 +119,10 @@ def test_generate_matches_reference_in_one_mixed_batch(engine, reference, prompt
     # the schedule really was hard: some edits fired, unrelated prompts stayed unrouted, some
     # requests were preempted and recomputed
     assert sum(r >= 0 for r in routes[: len(facts)]) >= len(facts) * 0.9
-    assert all(r == -1 for r in routes[-len(UNRELATED):])
-    chat_routes = [r for (_, is_chat), r in zip(texts, routes) if is_chat]
-    assert sum(r >= 0 for r in chat_routes[:8]) >= 6 and chat_routes[-3:] == [-1, -1, -1]
+    if method == "memoir":  # WISE's gate also opens for unrelated prompts (see README, quality)
+        assert all(r == -1 for r in routes[-len(UNRELATED):])
+        chat_routes = [r for (_, is_chat), r in zip(texts, routes) if is_chat]
+        assert sum(r >= 0 for r in chat_routes[:8]) >= 6 and chat_routes[-3:] == [-1, -1, -1]
     assert runtime.recomputes > recomputes_before, "no preemption happened; tighten the KV budget"
     print(f"\n{len(texts)} prompts, {sum(r >= 0 for r in routes)} routed to an edit, "
           f"{runtime.recomputes - recomputes_before} recomputed chunks, {runtime.steps} forwards")

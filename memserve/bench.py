@@ -1,0 +1,449 @@
+"""`memserve bench throughput`: what N edits in the store cost in serving speed (issue 4).
+
+For every edit count N the served model runs one request mix against the UNEDITED engine of the same
+run, in alternating rounds (unedited, edited, unedited, ...), so the load of a shared machine falls on
+both alike: the ratios are the result, absolute tokens/s are machine-dependent. Two paths:
+- offline: `VllmEditedModel` (vllm.LLM + plugin, in-process engine in a worker process), all requests
+  submitted at once; latency = engine queue -> last token;
+- http: `memserve serve` subprocesses driven by concurrent streaming clients through vLLM's own
+  benchmark request function (`vllm.benchmarks.lib.endpoint_request_func`).
+The EasyEdit-style baseline is transformers `generate`, batch size 1, on the same edited model.
+N = 0 serves an empty store, which is exactly the unedited engine: that point measures the unedited
+engine against itself (the noise floor of the ratio).
+
+Stores larger than the base store (real trained edits) are SYNTHETIC: the base store plus edits
+bulk-committed with MEMOIR's own TopHash `key` of random activations (uniform random k-of-I masks) and
+the base store's trained residual unchanged. A real prompt overlaps such a mask by ~k/I (.29 for the
+default model), far below tau, so routing hits come from the real edits only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SYNTHETIC_SEED = 0
+REPHRASE_EVERY = 2  # in the edited half of the mix, every 2nd request is a rephrase (when one exists)
+
+
+@dataclass
+class Round:
+    """One timed pass of the request mix through one engine."""
+
+    seconds: float
+    output_tokens: int
+    latencies: list[float]
+    routes: list[int] | None = None
+
+    @property
+    def tok_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+@dataclass
+class Mix:
+    """The requests of every round: prompts that should hit an edit (edit prompts, rephrases) and
+    unrelated ones, interleaved."""
+
+    prompts: list[str]
+    kinds: list[str]  # "edit" | "rephrase" | "unrelated"
+
+
+# --- stores -----------------------------------------------------------------------------------------
+def store_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def synthetic_store(base: Path, edits: int, dest: Path) -> dict:
+    """`dest` = a compact copy of the base store plus `edits - base edits` synthetic MEMOIR edits."""
+    from memserve.editor import load_memory
+    from memserve.store import Store, content_hash
+
+    dest.mkdir(parents=True)
+    with Store.open(base) as source:
+        source.env.copy(str(dest), compact=True)
+    with Store.open(dest) as store:
+        m = store.manifest
+        real = store.num_edits
+        if m["method"] != "memoir":
+            raise ValueError(f"{base}: synthetic edits are MEMOIR masks; the store holds {m['method']} edits")
+        if edits < real:
+            raise ValueError(f"--edits {edits}: below the {real} real edits of {base} (use 0 or >= {real})")
+        before = store_bytes(dest)
+        memory = load_memory(store, torch.zeros(m["hidden_size"], m["intermediate_size"]))
+        generator = torch.Generator().manual_seed(SYNTHETIC_SEED)
+        batch = []
+        for i in range(real, edits):
+            fact = {"prompt": f"synthetic edit {i}", "target": "synthetic"}
+            record = {"fact_key": f"synthetic-{i}", "fact": fact, "content_hash": content_hash(fact),
+                      "loss": 0.0, "steps": 0, "seconds": 0.0, "synthetic": True}
+            batch.append((record, memory.key(torch.randn(1, m["intermediate_size"], generator=generator))[0]))
+        if batch:
+            store.commit_edits(batch, {})
+        size = store_bytes(dest)
+    return {"real_edits": real, "synthetic_edits": edits - real, "store_bytes": size,
+            "store_bytes_per_synthetic_edit": (size - before) / (edits - real) if edits > real else None}
+
+
+def request_mix(base: Path, count: int) -> Mix:
+    """Half the requests ask an edited fact of the base store (its prompt, or a rephrase), half are
+    unrelated questions (the bundled background prompts, minus the edited ones)."""
+    from memserve.editor import background_prompts
+    from memserve.store import Store
+
+    with Store.open(base) as store:
+        facts = [r["fact"] for r in store.records() if not r.get("synthetic")]
+    edited = {f["prompt"] for f in facts}
+    unrelated = [p for p in background_prompts() if p not in edited]
+    prompts, kinds = [], []
+    for i in range(count):
+        j = i // 2
+        if i % 2 == 0 and facts:
+            fact = facts[j % len(facts)]
+            rephrases = fact.get("rephrases") or []
+            if rephrases and j % REPHRASE_EVERY == 1:
+                prompts.append(rephrases[0]), kinds.append("rephrase")
+            else:
+                prompts.append(fact["prompt"]), kinds.append("edit")
+        else:
+            prompts.append(unrelated[j % len(unrelated)]), kinds.append("unrelated")
+    return Mix(prompts, kinds)
+
+
+# --- engines ----------------------------------------------------------------------------------------
+def _offline_worker(conn, store: str | None, overrides: dict) -> None:
+    """Runs in its own (spawned) process: one in-process vLLM engine, serving jobs from `conn`."""
+    try:
+        from vllm import SamplingParams
+
+        from memserve.serving.offline import VllmEditedModel
+
+        start = time.perf_counter()
+        model = VllmEditedModel(store, disable_log_stats=False, **overrides)  # stats: per-request timestamps
+        conn.send(time.perf_counter() - start)
+        while (job := conn.recv()) is not None:
+            prompts, max_tokens = job
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            begin = time.perf_counter()
+            outputs = model.llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - begin
+            latencies = [o.metrics.last_token_ts - o.metrics.queued_ts for o in outputs if o.metrics is not None]
+            tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+            conn.send(Round(seconds, tokens, latencies, model.routes([o.request_id for o in outputs])))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(RuntimeError(traceback.format_exc()))
+
+
+class OfflineEngine:
+    """`VllmEditedModel` for `store` (None: unedited) in a worker process."""
+
+    mode = "offline"
+
+    def __init__(self, store: Path | None, overrides: dict):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_offline_worker, args=(child, str(store) if store else None, overrides), daemon=True)
+        self.proc.start()
+        self.startup_s = self._receive()
+
+    def _receive(self):
+        if not self.conn.poll(1800):
+            raise RuntimeError("offline engine did not answer in 30 min")
+        reply = self.conn.recv()
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def run(self, prompts: list[str], max_tokens: int) -> Round:
+        self.conn.send((prompts, max_tokens))
+        return self._receive()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(None)
+        self.proc.join(120)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpEngine:
+    """`memserve serve` for `store` (None: unedited) in a subprocess, driven by concurrent clients."""
+
+    mode = "http"
+
+    def __init__(self, store: Path | None, engine_args: list[str], concurrency: int, log: Path):
+        self.concurrency = concurrency
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        missing = log.parent / "no-store"  # a missing store serves the base model unchanged
+        cmd = [sys.executable, "-m", "memserve.serving.server", "--store", str(store or missing), "--port", str(port), *engine_args]
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the real layout
+        start = time.perf_counter()
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        while not self._healthy():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}); log: {log}\n{log.read_text()[-3000:]}")
+            if time.perf_counter() - start > 1800:
+                self.close()
+                raise RuntimeError(f"server did not come up in 30 min; log: {log}")
+            time.sleep(0.5)
+        self.startup_s = time.perf_counter() - start
+        with urllib.request.urlopen(self.base + "/v1/models") as r:
+            self.model = json.load(r)["data"][0]["id"]
+
+    def _healthy(self) -> bool:
+        try:
+            return urllib.request.urlopen(self.base + "/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def run(self, prompts: list[str], max_tokens: int) -> Round:
+        return asyncio.run(self._run(prompts, max_tokens))
+
+    async def _run(self, prompts: list[str], max_tokens: int) -> Round:
+        import aiohttp
+        from vllm.benchmarks.lib.endpoint_request_func import RequestFuncInput, async_request_openai_completions
+
+        limit = asyncio.Semaphore(self.concurrency)
+        url = self.base + "/v1/completions"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+            async def one(prompt: str):
+                request = RequestFuncInput(prompt=prompt, api_url=url, prompt_len=0, output_len=max_tokens, model=self.model,
+                                           ignore_eos=True, extra_body={"temperature": 0.0})
+                async with limit:
+                    return await async_request_openai_completions(request, session)
+
+            begin = time.perf_counter()
+            outputs = await asyncio.gather(*map(one, prompts))
+            seconds = time.perf_counter() - begin
+        failed = [o.error for o in outputs if not o.success]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(outputs)} requests failed: {failed[0][-500:]}")
+        return Round(seconds, sum(o.output_tokens for o in outputs), [o.latency for o in outputs])
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- measuring --------------------------------------------------------------------------------------
+def _side(rounds: list[Round]) -> dict:
+    latencies = [x for r in rounds for x in r.latencies]
+    return {
+        "output_tok_s": float(np.median([r.tok_s for r in rounds])),
+        "rounds_tok_s": [round(r.tok_s, 2) for r in rounds],
+        "latency_p50_s": float(np.percentile(latencies, 50)) if latencies else None,
+        "latency_p99_s": float(np.percentile(latencies, 99)) if latencies else None,
+    }
+
+
+def compare(unedited, edited, mix: Mix, max_tokens: int, rounds: int) -> dict:
+    """Alternating rounds of the same mix; ratio of the median tokens/s (edited / unedited)."""
+    warm = mix.prompts[:8]
+    for engine in {id(unedited): unedited, id(edited): edited}.values():
+        engine.run(warm, 4)
+    base_rounds, edit_rounds = [], []
+    for _ in range(rounds):
+        base_rounds.append(unedited.run(mix.prompts, max_tokens))
+        edit_rounds.append(edited.run(mix.prompts, max_tokens))
+    base, edit = _side(base_rounds), _side(edit_rounds)
+    out = {**edit, "ratio": edit["output_tok_s"] / base["output_tok_s"],
+           **{f"unedited_{k}": v for k, v in base.items()}}
+    routes = edit_rounds[-1].routes
+    if routes is not None:
+        for kind in ("edit", "rephrase", "unrelated"):
+            hits = [r >= 0 for r, k in zip(routes, mix.kinds) if k == kind]
+            out[f"routed_{kind}"] = sum(hits) / len(hits) if hits else None
+    return out
+
+
+def transformers_bs1(store: Path | None, base: Path, prompts: list[str], max_tokens: int) -> float:
+    """Output tokens/s of HF `generate`, one request at a time, on the edited model (`store`; None:
+    the base model of `base`, unedited)."""
+    import gc
+
+    from memserve.editor import open_session
+
+    runner = open_session(store or base, create=False)
+    edited = runner.edited
+    try:
+        tokens, seconds = 0, 0.0
+        for prompt in prompts:
+            prompt_ids = edited.encode(prompt)
+            ids, attention, prompt_mask, answer_mask = edited.pad([prompt_ids], [len(prompt_ids)], left=True)
+            kwargs = dict(input_ids=ids, attention_mask=attention.long(), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                          do_sample=False, pad_token_id=edited.tokenizer.pad_token_id)
+            begin = time.perf_counter()
+            if store is None:
+                out = edited.model.generate(**kwargs)
+            else:
+                with edited.routing(prompt_mask, answer_mask):
+                    out = edited.model.generate(**kwargs)
+            seconds += time.perf_counter() - begin
+            tokens += out.shape[1] - ids.shape[1]
+        return tokens / seconds
+    finally:
+        runner.store.close()
+        del runner, edited
+        gc.collect()
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+            "torch": torch.__version__, "gpu": torch.cuda.is_available(), "loadavg": os.getloadavg()}
+
+
+def run_throughput(
+    base: Path, edits: list[int], workdir: Path, modes: tuple[str, ...] = ("offline", "http"), requests: int = 64,
+    max_tokens: int = 32, rounds: int = 3, concurrency: int = 16, hf_requests: int = 4, dtype: str = "float32",
+    log=print,
+) -> list[dict]:
+    """One row per edit count (see module doc); `workdir` receives the synthetic stores and server logs."""
+    edits = sorted(set(edits))
+    settings = {"base_store": str(base), "requests": requests, "max_tokens": max_tokens, "rounds": rounds,
+                "http_concurrency": concurrency, "hf_requests": hf_requests, "dtype": dtype, "modes": list(modes),
+                "machine_before": machine()}
+    mix = request_mix(base, requests)
+    rows, stores = [], {}
+    for n in edits:
+        row = {"edits": n, "real_edits": 0, "synthetic_edits": 0, "synthetic": False}
+        if n:
+            stores[n] = workdir / f"store-{n}"
+            log(f"building store with {n} edits")
+            row.update(synthetic_store(base, n, stores[n]))
+            row["synthetic"] = row["synthetic_edits"] > 0
+            row["store_bytes_per_edit"] = row["store_bytes"] / n
+        rows.append(row)
+    offline_args = {"dtype": dtype}
+    http_args = ["--dtype", dtype]
+    for mode in modes:
+        def start(n: int):
+            store = stores.get(n)
+            if mode == "offline":
+                return OfflineEngine(store, offline_args)
+            return HttpEngine(store, http_args, concurrency, workdir / f"server-{n if store else 'unedited'}.log")
+
+        log(f"{mode}: starting the unedited engine")
+        unedited = start(0)
+        try:
+            for row in rows:
+                n = row["edits"]
+                edited = start(n) if n else unedited
+                log(f"{mode}: {n} edits (engine start {edited.startup_s:.1f} s), {rounds} rounds")
+                try:
+                    result = compare(unedited, edited, mix, max_tokens, rounds)
+                finally:
+                    if edited is not unedited:
+                        edited.close()
+                result["startup_s"], result["unedited_startup_s"] = edited.startup_s, unedited.startup_s
+                result["startup_s_per_1k_edits"] = (edited.startup_s - unedited.startup_s) / n * 1000 if n else None
+                if mode == "http":
+                    result["concurrency"] = concurrency
+                row[mode] = result
+                log(f"{mode}: {n} edits: {result['output_tok_s']:.1f} tok/s vs unedited {result['unedited_output_tok_s']:.1f}: x{result['ratio']:.3f}")
+        finally:
+            unedited.close()
+    if hf_requests:
+        for row in rows:
+            log(f"transformers bs1: {row['edits']} edits")
+            row["transformers_bs1_output_tok_s"] = transformers_bs1(stores.get(row["edits"]), base, mix.prompts[:hf_requests], max_tokens)
+    settings["machine_after"] = machine()
+    primary = modes[0]
+    for row in rows:
+        top = row[primary]
+        row.update(output_tok_s=top["output_tok_s"], unedited_output_tok_s=top["unedited_output_tok_s"], ratio=top["ratio"],
+                   path=primary)
+        if hf_requests:
+            for mode in modes:
+                row[mode]["vs_transformers_bs1"] = row[mode]["output_tok_s"] / row["transformers_bs1_output_tok_s"]
+        row["run"] = settings
+    return rows
+
+
+def plot_throughput(rows: list[dict], path: Path) -> None:
+    """Tokens/s vs number of edits per path, with the unedited engine and transformers bs1 lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("offline", "http") if m in rows[0]]
+    x = np.arange(len(rows))
+    labels = [f"{r['edits']}" + (f"\n({r['synthetic_edits']} synthetic)" if r["synthetic"] else "") for r in rows]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        edited = [r[mode]["output_tok_s"] for r in rows]
+        unedited = [r[mode]["unedited_output_tok_s"] for r in rows]
+        ax.plot(x, edited, "o-", label="with edits")
+        ax.plot(x, unedited, "s--", color="gray", label="unedited engine (same run)")
+        if "transformers_bs1_output_tok_s" in rows[0]:
+            ax.plot(x, [r["transformers_bs1_output_tok_s"] for r in rows], "^:", color="tab:red", label="transformers generate, bs 1")
+        for xi, r in zip(x, rows):
+            ax.annotate(f"x{r[mode]['ratio']:.3f}", (xi, r[mode]["output_tok_s"]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_xlabel("edits in the store")
+        ax.set_ylabel("output tokens/s")
+        ax.set_ylim(bottom=0)
+        title = "offline engine (vllm.LLM)" if mode == "offline" else f"HTTP server, {rows[0][mode].get('concurrency')} concurrent clients"
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle("memserve throughput vs edits (MEMOIR, SmolLM2-135M fp32, 2-core CPU)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def default_base_store() -> Path:
+    """The cached store of 24 real edits the serving tests use (trained once when missing)."""
+    from memserve.serving.testing import cached_store
+
+    return cached_store(24)
+
+
+def main_throughput(base: Path | None, edits: list[int], json_out: Path | None, plot: Path | None,
+                    workdir: Path | None = None, **options) -> list[dict]:
+    """The whole benchmark: stores in `workdir` (a temporary directory, removed, when None)."""
+    import tempfile
+
+    base = Path(base) if base else default_base_store()
+    temp = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="memserve-bench-")) if temp else Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = run_throughput(base, edits, workdir, **options)
+    finally:
+        if temp:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(rows, indent=2))
+    if plot:
+        plot_throughput(rows, plot)
+    return rows

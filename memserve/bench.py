@@ -12,9 +12,10 @@ N = 0 serves an empty store, which is exactly the unedited engine: that point me
 engine against itself (the noise floor of the ratio).
 
 Stores larger than the base store (real trained edits) are SYNTHETIC: the base store plus edits
-bulk-committed with MEMOIR's own TopHash `key` of random activations (uniform random k-of-I masks) and
-the base store's trained residual unchanged. A real prompt overlaps such a mask by ~k/I (.29 for the
-default model), far below tau, so routing hits come from the real edits only.
+bulk-committed with MEMOIR's own TopHash `key` of random activations (uniform random k-of-I masks; two
+routing keys per edit, like a real edit's plain and chat-formatted keys) and the base store's trained
+residual unchanged. A real prompt overlaps such a mask by ~k/I (.29 for the default model), far below
+tau, so routing hits come from the real edits only.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 SYNTHETIC_SEED = 0
+KEYS_PER_EDIT = 2  # a real edit has a plain and a chat-formatted routing key
 REPHRASE_EVERY = 2  # in the edited half of the mix, every 2nd request is a rephrase (when one exists)
 
 
@@ -90,9 +92,9 @@ def synthetic_store(base: Path, edits: int, dest: Path) -> dict:
         batch = []
         for i in range(real, edits):
             fact = {"prompt": f"synthetic edit {i}", "target": "synthetic"}
-            record = {"fact_key": f"synthetic-{i}", "fact": fact, "content_hash": content_hash(fact),
-                      "loss": 0.0, "steps": 0, "seconds": 0.0, "synthetic": True}
-            batch.append((record, memory.key(torch.randn(1, m["intermediate_size"], generator=generator))[0]))
+            record = {"fact_key": f"synthetic-{i}", "prompt_key": f"synthetic-{i}", "fact": fact,
+                      "content_hash": content_hash(fact), "loss": 0.0, "steps": 0, "seconds": 0.0, "synthetic": True}
+            batch.append((record, memory.key(torch.randn(KEYS_PER_EDIT, m["intermediate_size"], generator=generator))))
         if batch:
             store.commit_edits(batch, {})
         size = store_bytes(dest)

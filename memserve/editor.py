@@ -118,6 +118,22 @@ class EditSessionRunner:
         return report
 
 
+def load_reference(store_path: str | Path, dtype: torch.dtype = torch.float32) -> EditedModel:
+    """The transformers reference of the store's current version with the base model in `dtype`, for
+    inference only (edit with `open_session`). The fp32 checkpoint is loaded and checked against the
+    store, then cast, as vLLM casts it for `--dtype bfloat16`; the memory stays fp32, as in the plugin."""
+    with Store.open(store_path) as store:
+        m = store.manifest
+        model_dir = resolve_model(store_model_dir(store))
+        model, tokenizer = load_model(model_dir)
+        base = down_proj(model, m["layer"]).weight
+        store.check_compatible(model_id(model_dir), weight_hash(base))
+        memory = load_memory(store, base.detach().clone())
+    memory.eval()
+    model.to(dtype)  # before the memory is attached: its tensors stay fp32
+    return EditedModel(model, tokenizer, memory, m["layer"])
+
+
 def open_session(
     store_path: str | Path,
     model_path: str | Path | None = None,

@@ -98,6 +98,7 @@ class VllmEditedModel:
         self.store = store
         self.kwargs = engine_kwargs(store, model, **kwargs)
         self.llm = LLM(**self.kwargs)
+        self.last_request_ids: list[str] = []
 
     # --- routes ---------------------------------------------------------------------------------
     def routes(self, request_ids: list[str]) -> list[int]:
@@ -126,18 +127,33 @@ class VllmEditedModel:
 
     # --- inference ------------------------------------------------------------------------------
     def generate(
-        self, prompts: list[list[int]], max_new_tokens: int, use_memory: bool = True,
+        self, prompts: list[list[int]], max_new_tokens: int, use_memory: bool = True, ignore_eos: bool = False,
     ) -> tuple[list[list[int]], list[int]]:
         """Greedy continuations (stopped at EOS, which is not included) and the route of each prompt
-        (`use_memory=False`: the base model)."""
+        (`use_memory=False`: the base model). `ignore_eos`: exactly `max_new_tokens` each, EOS included
+        (every request lives equally long, so two runs of one prompt list see the same batch shapes)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, extra_args=None if use_memory else {ROUTE_ARG: -1})
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                                extra_args=None if use_memory else {ROUTE_ARG: -1})
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
-        eos = self.llm.get_tokenizer().eos_token_id
-        tokens = [t[: t.index(eos)] if eos in t else t for t in tokens]
-        return tokens, self.routes([o.request_id for o in outputs])
+        if not ignore_eos:
+            eos = self.llm.get_tokenizer().eos_token_id
+            tokens = [t[: t.index(eos)] if eos in t else t for t in tokens]
+        self.last_request_ids = [o.request_id for o in outputs]
+        return tokens, self.routes(self.last_request_ids)
+
+    def route_scores(self, request_ids: list[str] | None = None) -> list[float | None]:
+        """Routing score of each (finished) request, by default those of the last `generate` (MEMOIR:
+        the best key overlap; NaN when forced; None: never routed)."""
+
+        def lookup(model, ids=tuple(self.last_request_ids if request_ids is None else request_ids)):
+            runtime = getattr(model, "memserve_runtime", None)
+            infos = [None if runtime is None else runtime.route_info(rid) for rid in ids]
+            return [None if info is None else info.score for info in infos]
+
+        return self.llm.apply_model(lookup)[0]
 
     def _prompt_logprobs(self, sequences, prompt_lens, use_memory: bool):
         from vllm import SamplingParams

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import weakref
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -38,7 +38,16 @@ ARCH = "MemserveLlamaForCausalLM"
 STORE_ENV = "MEMSERVE_STORE"
 STORE_CONFIG_KEY = "memserve_store"
 
-_RUNTIMES: "weakref.WeakValueDictionary[int, MemoryRuntime]" = weakref.WeakValueDictionary()  # key -> runtime (owned by the model)
+# The runtime of the model whose forward runs in this thread (set by the runner hook for the duration
+# of the forward): what the custom op applies. Nothing process-specific (such as an object id) may be an
+# argument of the op: dynamo bakes Python values into the traced graph as constants, and the graph is
+# cached on disk (inductor FX cache, vLLM's AOT artifacts) and reused by later processes.
+_current = threading.local()
+# Part of vLLM's compile-cache hash (`additional_config`) when a memory is attached: the wrapped graph
+# and the plain one must never be served from each other's cache entry (vLLM's hash ignores
+# `hf_overrides`, which is where the store is named). Bump when the wrapper's graph changes.
+GRAPH_REVISION = 1
+COMPILE_CACHE_KEY = "memserve_memory"
 _registered = False
 _hooks_installed = False
 
@@ -49,14 +58,19 @@ class StoreWeightMismatch(RuntimeError):
 
 # --- the custom op -------------------------------------------------------------------------------
 @torch.library.custom_op("memserve::memory_apply", mutates_args=())
-def memory_apply(out: torch.Tensor, a: torch.Tensor, key: int) -> torch.Tensor:
-    result = _RUNTIMES[key].apply(out, a)
+def memory_apply(out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    runtime = current_runtime()
+    result = out if runtime is None else runtime.apply(out, a)  # None: a forward outside the runner hook
     return result.clone() if result is out else result
 
 
 @memory_apply.register_fake
-def _memory_apply_fake(out: torch.Tensor, a: torch.Tensor, key: int) -> torch.Tensor:
+def _memory_apply_fake(out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(out)
+
+
+def current_runtime() -> MemoryRuntime | None:
+    return getattr(_current, "runtime", None)
 
 
 class MemoryDownProjection(nn.Module):
@@ -64,11 +78,10 @@ class MemoryDownProjection(nn.Module):
 
     requires_unquantized_input = True  # keep vLLM from fusing an activation quant into our input
 
-    def __init__(self, base: nn.Module, runtime: MemoryRuntime, key: int):
+    def __init__(self, base: nn.Module, runtime: MemoryRuntime):
         super().__init__()
         self.base = base
         self.runtime = runtime  # not an nn.Module: holds no parameters vLLM would try to load
-        self.key = key
 
     @property
     def weight(self) -> torch.Tensor:
@@ -77,7 +90,7 @@ class MemoryDownProjection(nn.Module):
     def forward(self, x):
         out, bias = self.base(x)
         if torch.compiler.is_compiling():
-            out = torch.ops.memserve.memory_apply(out, x, self.key)
+            out = torch.ops.memserve.memory_apply(out, x)  # the runtime is looked up at run time
         else:
             out = self.runtime.apply(out, x)
         return out, bias
@@ -120,6 +133,7 @@ def _memserve_model_class():
             self._memserve_store = store_path_from(vllm_config.model_config.hf_config)
             self._memserve_prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
             self._memserve_tokenizer = vllm_config.model_config.tokenizer
+            self._memserve_vllm_config = vllm_config
 
         def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
             store, manifest = open_store_manifest(self._memserve_store)
@@ -183,10 +197,9 @@ def _memserve_model_class():
             runtime = MemoryRuntime(memory, ChatFormat(AutoTokenizer.from_pretrained(self._memserve_tokenizer)),
                                     version=store.version)
             self.memserve_watcher = StoreWatcher(store.path, checkpoint_weight, digest, layer, runtime)
-            key = id(runtime)
-            _RUNTIMES[key] = runtime
-            mlp.down_proj = MemoryDownProjection(mlp.down_proj, runtime, key)
+            mlp.down_proj = MemoryDownProjection(mlp.down_proj, runtime)
             self.memserve_runtime = runtime
+            mark_compile_cache(self._memserve_vllm_config, layer)
             install_runner_hooks()
             logger.info(
                 "memserve: %s memory with %d edits on layer %d from %s", manifest["method"], memory.num_edits,
@@ -254,9 +267,12 @@ def install_runner_hooks() -> None:
         self.model.memserve_watcher.poll()  # between steps: a new store version serves new requests
         runtime.prune(self.requests)
         runtime.begin_step(batch_plan(self, positions))
+        outer = current_runtime()
+        _current.runtime = runtime
         try:
             return original_forward(self, *args, **kwargs)
         finally:
+            _current.runtime = outer
             runtime.end_step()
 
     def _on_request_state_removed(self, req_id, req_state):
@@ -268,6 +284,17 @@ def install_runner_hooks() -> None:
     GPUModelRunner._model_forward = _model_forward
     GPUModelRunner._on_request_state_removed = _on_request_state_removed
     _hooks_installed = True
+
+
+def mark_compile_cache(vllm_config, layer: int) -> None:
+    """Make vLLM's compile-cache hash tell the wrapped model from the plain one (see GRAPH_REVISION).
+    Called before the first forward, which is when vLLM hashes the config for its compile cache."""
+    extra = vllm_config.additional_config
+    if isinstance(extra, dict):
+        extra[COMPILE_CACHE_KEY] = {"graph": GRAPH_REVISION, "layer": layer}
+    else:  # a platform's own SupportsHash object: leave it alone, but say the cache may be shared
+        logger.warning("memserve: additional_config is not a dict; vLLM's compile cache may not tell the "
+                       "memory-wrapped model from the plain one (clear it when switching)")
 
 
 def get_runtime(model) -> MemoryRuntime | None:

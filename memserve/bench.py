@@ -7,7 +7,11 @@ both alike: the ratios are the result, absolute tokens/s are machine-dependent. 
   submitted at once; latency = engine queue -> last token;
 - http: `memserve serve` subprocesses driven by concurrent streaming clients through vLLM's own
   benchmark request function (`vllm.benchmarks.lib.endpoint_request_func`).
-The EasyEdit-style baseline is transformers `generate`, batch size 1, on the same edited model.
+The EasyEdit-style baseline is transformers `generate`, batch size 1, on the same edited model, run in
+fp32 and in bf16 (base weights cast, memory fp32); the faster of the two is the baseline.
+Each engine's JSON entry says what really ran (`engine`: weight dtype, compiled or eager, memory
+attached); offline rows also report whether requests no edit applied to got exactly the unedited
+engine's tokens (`unrouted_identical_to_unedited`).
 N = 0 serves an empty store, which is exactly the unedited engine: that point measures the unedited
 engine against itself (the noise floor of the ratio).
 
@@ -51,6 +55,7 @@ class Round:
     output_tokens: int
     latencies: list[float]
     routes: list[int] | None = None
+    tokens: list[list[int]] | None = None  # offline: each request's output tokens (greedy)
 
     @property
     def tok_s(self) -> float:
@@ -137,7 +142,7 @@ def _offline_worker(conn, store: str | None, overrides: dict) -> None:
 
         start = time.perf_counter()
         model = VllmEditedModel(store, disable_log_stats=False, **overrides)  # stats: per-request timestamps
-        conn.send(time.perf_counter() - start)
+        conn.send((time.perf_counter() - start, model.llm.apply_model(engine_facts)[0]))
         while (job := conn.recv()) is not None:
             prompts, max_tokens = job
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -146,9 +151,34 @@ def _offline_worker(conn, store: str | None, overrides: dict) -> None:
             seconds = time.perf_counter() - begin
             latencies = [o.metrics.last_token_ts - o.metrics.queued_ts for o in outputs if o.metrics is not None]
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-            conn.send(Round(seconds, tokens, latencies, model.routes([o.request_id for o in outputs])))
+            conn.send(Round(seconds, tokens, latencies, model.routes([o.request_id for o in outputs]),
+                            [list(o.outputs[0].token_ids) for o in outputs]))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(RuntimeError(traceback.format_exc()))
+
+
+def engine_facts(model) -> dict:
+    """What the worker really runs: weight dtype, whether the backbone went through torch.compile
+    (vLLM's `support_torch_compile` wrapper), whether a memory is attached."""
+    backbone = model.model
+    return {"dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "compiled": bool(getattr(backbone, "compiled", False)) and not getattr(backbone, "do_not_compile", True),
+            "memory_attached": getattr(model, "memserve_runtime", None) is not None}
+
+
+def server_log_facts(text: str) -> dict:
+    """The same facts from a `memserve serve` log (vLLM's engine-config line and compile messages)."""
+    import re
+
+    facts: dict = {}
+    dtype, eager = re.search(r"dtype=torch\.(\w+)", text), re.search(r"enforce_eager=(\w+)", text)
+    if dtype:
+        facts["dtype"] = dtype.group(1)
+    if eager:
+        facts["enforce_eager"] = eager.group(1) == "True"
+    facts["compiled"] = facts.get("enforce_eager") is False and bool(re.search(r"Warming up model for the compilation|AOT compiled function", text))
+    facts["memory_attached"] = "memserve: memoir memory with" in text or "memserve: wise memory with" in text
+    return facts
 
 
 class OfflineEngine:
@@ -161,7 +191,7 @@ class OfflineEngine:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_offline_worker, args=(child, str(store) if store else None, overrides), daemon=True)
         self.proc.start()
-        self.startup_s = self._receive()
+        self.startup_s, self.facts = self._receive()
 
     def _receive(self):
         if not self.conn.poll(1800):
@@ -212,6 +242,7 @@ class HttpEngine:
                 raise RuntimeError(f"server did not come up in 30 min; log: {log}")
             time.sleep(0.5)
         self.startup_s = time.perf_counter() - start
+        self.facts = server_log_facts(log.read_text(errors="replace"))
         with urllib.request.urlopen(self.base + "/v1/models") as r:
             self.model = json.load(r)["data"][0]["id"]
 
@@ -267,9 +298,8 @@ def _side(rounds: list[Round]) -> dict:
 
 def compare(unedited, edited, mix: Mix, max_tokens: int, rounds: int) -> dict:
     """Alternating rounds of the same mix; ratio of the median tokens/s (edited / unedited)."""
-    warm = mix.prompts[:8]
     for engine in {id(unedited): unedited, id(edited): edited}.values():
-        engine.run(warm, 4)
+        engine.run(mix.prompts, 4)  # the whole mix: kernels meet the round's batch shapes before timing
     base_rounds, edit_rounds = [], []
     for _ in range(rounds):
         base_rounds.append(unedited.run(mix.prompts, max_tokens))
@@ -282,21 +312,31 @@ def compare(unedited, edited, mix: Mix, max_tokens: int, rounds: int) -> dict:
         for kind in ("edit", "rephrase", "unrelated"):
             hits = [r >= 0 for r, k in zip(routes, mix.kinds) if k == kind]
             out[f"routed_{kind}"] = sum(hits) / len(hits) if hits else None
+    mine, theirs = edit_rounds[-1], base_rounds[-1]
+    if routes is not None and mine.tokens is not None and theirs.tokens is not None and edited is not unedited:
+        # requests no edit applied to: same greedy tokens as on the unedited engine (same batch shapes,
+        # EOS ignored)? The plain engine runs a different compiled graph (no memory op), so this also
+        # checks that the wrapper itself does not change numerics.
+        same = [a == b for a, b, r in zip(mine.tokens, theirs.tokens, routes) if r < 0]
+        out["unrouted_identical_to_unedited"] = sum(same) / len(same) if same else None
     return out
 
 
-def transformers_bs1(store: Path | None, base: Path, prompts: list[str], max_tokens: int) -> float:
+BASELINE_DTYPES = ("float32", "bfloat16")  # the transformers baseline runs in both; the faster one counts
+
+
+def transformers_bs1(store: Path | None, base: Path, prompts: list[str], max_tokens: int, dtype: str = "float32") -> float:
     """Output tokens/s of HF `generate`, one request at a time, on the edited model (`store`; None:
-    the base model of `base`, unedited)."""
+    the base model of `base`, unedited), with the base weights in `dtype` (the memory stays fp32, as
+    in the plugin). One untimed warm-up request first."""
     import gc
 
-    from memserve.editor import open_session
+    from memserve.editor import load_reference
 
-    runner = open_session(store or base, create=False)
-    edited = runner.edited
+    edited = load_reference(store or base, getattr(torch, dtype))
     try:
         tokens, seconds = 0, 0.0
-        for prompt in prompts:
+        for i, prompt in enumerate([prompts[0], *prompts]):
             prompt_ids = edited.encode(prompt)
             ids, attention, prompt_mask, answer_mask = edited.pad([prompt_ids], [len(prompt_ids)], left=True)
             kwargs = dict(input_ids=ids, attention_mask=attention.long(), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
@@ -307,12 +347,12 @@ def transformers_bs1(store: Path | None, base: Path, prompts: list[str], max_tok
             else:
                 with edited.routing(prompt_mask, answer_mask):
                     out = edited.model.generate(**kwargs)
-            seconds += time.perf_counter() - begin
-            tokens += out.shape[1] - ids.shape[1]
+            if i:  # request 0 is the warm-up
+                seconds += time.perf_counter() - begin
+                tokens += out.shape[1] - ids.shape[1]
         return tokens / seconds
     finally:
-        runner.store.close()
-        del runner, edited
+        del edited
         gc.collect()
 
 
@@ -364,6 +404,7 @@ def run_throughput(
                     if edited is not unedited:
                         edited.close()
                 result["startup_s"], result["unedited_startup_s"] = edited.startup_s, unedited.startup_s
+                result["engine"], result["unedited_engine"] = edited.facts, unedited.facts
                 result["startup_s_per_1k_edits"] = (edited.startup_s - unedited.startup_s) / n * 1000 if n else None
                 if mode == "http":
                     result["concurrency"] = concurrency
@@ -372,9 +413,19 @@ def run_throughput(
         finally:
             unedited.close()
     if hf_requests:
+        settings["transformers_bs1"] = (f"HF generate, batch 1, greedy, {max_tokens} new tokens, the first {hf_requests} "
+                                        f"prompts of the mix after one warm-up, torch threads {torch.get_num_threads()}; "
+                                        f"run in {' and '.join(BASELINE_DTYPES)}, the FASTER one is the baseline")
         for row in rows:
-            log(f"transformers bs1: {row['edits']} edits")
-            row["transformers_bs1_output_tok_s"] = transformers_bs1(stores.get(row["edits"]), base, mix.prompts[:hf_requests], max_tokens)
+            by_dtype = {}
+            for baseline_dtype in BASELINE_DTYPES:
+                log(f"transformers bs1 {baseline_dtype}: {row['edits']} edits")
+                by_dtype[baseline_dtype] = transformers_bs1(stores.get(row["edits"]), base, mix.prompts[:hf_requests],
+                                                            max_tokens, baseline_dtype)
+            fastest = max(by_dtype, key=by_dtype.get)
+            row["transformers_bs1_output_tok_s"] = by_dtype[fastest]
+            row["transformers_bs1_dtype"] = fastest
+            row["transformers_bs1_by_dtype"] = by_dtype
     settings["machine_after"] = machine()
     primary = modes[0]
     for row in rows:
@@ -405,7 +456,8 @@ def plot_throughput(rows: list[dict], path: Path) -> None:
         ax.plot(x, edited, "o-", label="with edits")
         ax.plot(x, unedited, "s--", color="gray", label="unedited engine (same run)")
         if "transformers_bs1_output_tok_s" in rows[0]:
-            ax.plot(x, [r["transformers_bs1_output_tok_s"] for r in rows], "^:", color="tab:red", label="transformers generate, bs 1")
+            label = "transformers generate, bs 1" + (" (faster of fp32/bf16)" if "transformers_bs1_by_dtype" in rows[0] else "")
+            ax.plot(x, [r["transformers_bs1_output_tok_s"] for r in rows], "^:", color="tab:red", label=label)
         for xi, r in zip(x, rows):
             ax.annotate(f"x{r[mode]['ratio']:.3f}", (xi, r[mode]["output_tok_s"]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
         ax.set_xticks(x, labels, fontsize=8)
@@ -415,7 +467,9 @@ def plot_throughput(rows: list[dict], path: Path) -> None:
         title = "offline engine (vllm.LLM)" if mode == "offline" else f"HTTP server, {rows[0][mode].get('concurrency')} concurrent clients"
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8, loc="lower left")
-    fig.suptitle("memserve throughput vs edits (MEMOIR, SmolLM2-135M fp32, 2-core CPU)", fontsize=10)
+    run = rows[0].get("run", {})
+    dtype = {"float32": "fp32 eager", "bfloat16": "bf16 compiled"}.get(run.get("dtype"), run.get("dtype", "fp32"))
+    fig.suptitle(f"memserve throughput vs edits (MEMOIR, SmolLM2-135M {dtype}, 2-core CPU)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

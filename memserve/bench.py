@@ -56,6 +56,7 @@ class Round:
     latencies: list[float]
     routes: list[int] | None = None
     tokens: list[list[int]] | None = None  # offline: each request's output tokens (greedy)
+    steal_s: float | None = None  # CPU time stolen by the hypervisor during the round (noise indicator)
 
     @property
     def tok_s(self) -> float:
@@ -291,9 +292,28 @@ def _side(rounds: list[Round]) -> dict:
     return {
         "output_tok_s": float(np.median([r.tok_s for r in rounds])),
         "rounds_tok_s": [round(r.tok_s, 2) for r in rounds],
+        "rounds_steal_s": [None if r.steal_s is None else round(r.steal_s, 2) for r in rounds],
         "latency_p50_s": float(np.percentile(latencies, 50)) if latencies else None,
         "latency_p99_s": float(np.percentile(latencies, 99)) if latencies else None,
     }
+
+
+def cpu_steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to other guests so far (all CPUs; Linux /proc/stat), else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _timed(engine, prompts: list[str], max_tokens: int) -> Round:
+    before = cpu_steal_seconds()
+    result = engine.run(prompts, max_tokens)
+    after = cpu_steal_seconds()
+    result.steal_s = None if before is None or after is None else after - before
+    return result
 
 
 def compare(unedited, edited, mix: Mix, max_tokens: int, rounds: int) -> dict:
@@ -302,8 +322,8 @@ def compare(unedited, edited, mix: Mix, max_tokens: int, rounds: int) -> dict:
         engine.run(mix.prompts, 4)  # the whole mix: kernels meet the round's batch shapes before timing
     base_rounds, edit_rounds = [], []
     for _ in range(rounds):
-        base_rounds.append(unedited.run(mix.prompts, max_tokens))
-        edit_rounds.append(edited.run(mix.prompts, max_tokens))
+        base_rounds.append(_timed(unedited, mix.prompts, max_tokens))
+        edit_rounds.append(_timed(edited, mix.prompts, max_tokens))
     base, edit = _side(base_rounds), _side(edit_rounds)
     out = {**edit, "ratio": edit["output_tok_s"] / base["output_tok_s"],
            **{f"unedited_{k}": v for k, v in base.items()}}

@@ -38,7 +38,7 @@ def store_model_dir(store: Store) -> Path:
 
 def build_memory(method: str, config_values: dict, base_weight: torch.Tensor) -> EditMemory:
     cls = memory_class(method)
-    return cls(cls.config_class.from_dict(config_values), base_weight)
+    return cls(cls.config_class.from_stored(config_values), base_weight)
 
 
 def load_memory(store: Store, base_weight: torch.Tensor) -> EditMemory:

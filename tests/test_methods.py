@@ -57,10 +57,36 @@ def test_memoir_delta_uses_the_routed_edit_mask_only():
     memory.residual = torch.randn(H, I)
     routes = torch.tensor([0, 1, NO_ROUTE, 0])
     out = memory.delta(a, routes)
-    assert torch.allclose(out[0], memory.residual @ (a[0] * memory.masks[0]))
-    assert torch.allclose(out[1], memory.residual @ (a[1] * memory.masks[1]))
+    signed = memory.column_weights.float()  # the mask with each edit's +-1 pattern on it
+    assert torch.equal(signed.abs().bool(), memory.masks)
+    assert torch.allclose(out[0], memory.residual @ (a[0] * signed[0]))
+    assert torch.allclose(out[1], memory.residual @ (a[1] * signed[1]))
     assert torch.all(out[2] == 0)
-    assert torch.allclose(out[3], memory.residual @ (a[3] * memory.masks[0]))
+    assert torch.allclose(out[3], memory.residual @ (a[3] * signed[0]))
+
+
+def test_memoir_signed_columns_stable_per_mask_and_shared_columns_decorrelate():
+    torch.manual_seed(0)
+    config = MemoirConfig(layer=0, top_k=32, tau=0.5, signed_columns=True)
+    memory = MemoirMemory(config, torch.randn(H, I))
+    memory.calibrate(torch.zeros(I))
+    a = torch.randn(2, I)
+    for row in a:
+        memory.add_edit(memory.key(row[None]))
+    weights = memory.column_weights
+    assert torch.equal(weights.abs().bool(), memory.masks)  # zero off the mask, +-1 on it
+    shared = memory.masks[0] & memory.masks[1]
+    assert shared.any() and not torch.equal(weights[0][shared], weights[1][shared])
+    # The pattern depends on the mask bits only: a reloaded memory (undo, rollback, server) agrees.
+    again = MemoirMemory(config, torch.randn(H, I))
+    again.load_state(memory.state_tensors(), memory.route_keys, memory.key_owner)
+    assert torch.equal(again.column_weights, weights)
+    memory.residual = torch.randn(H, I)
+    out = memory.delta(a, torch.tensor([0, 1]))
+    assert torch.allclose(out[0], memory.residual @ (a[0] * weights[0].float()))
+    # Stores written before the option existed keep the unsigned memory they were trained with.
+    assert not MemoirConfig.from_stored({"layer": 0}).signed_columns
+    assert MemoirConfig.from_dict({"layer": 0}).signed_columns
 
 
 def test_wise_routes_by_score_threshold_and_picks_highest():

@@ -44,6 +44,8 @@ class MethodConfig:
     # vLLM keeps chunked prefill) or "all" (every token, the papers' reference behaviour: better
     # retention over long edit streams here, slower training, and whole-prompt prefills in vLLM).
     act_on: str = "answer"
+    # Options added after stores were first written -> the behaviour those stores were trained with.
+    predated: ClassVar[dict[str, Any]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -55,6 +57,11 @@ class MethodConfig:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(sorted(unknown))}")
         return cls(**values)
+
+    @classmethod
+    def from_stored(cls, values: dict[str, Any]) -> "MethodConfig":
+        """A store's recorded options; ones it predates take the value it was trained with."""
+        return cls.from_dict({**cls.predated, **values})
 
 
 @dataclass

@@ -11,9 +11,11 @@ This file is the single home of MEMOIR's routing rule (`MemoirMemory.route`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig
@@ -36,6 +38,11 @@ class MemoirConfig(MethodConfig):
     # token activations of different questions look alike (all end in "?"); the prompt mean is what
     # tells them apart (it is also what TopHash routes on), so edits sharing columns collide less.
     prompt_context: bool = True
+    # Multiply each edit's memory input by its own fixed random ±1 pattern (superposition, Cheung et
+    # al. 2019). Edits sharing mask columns then write along near-orthogonal directions, so a later
+    # edit barely moves an earlier edit's output. The pattern is a hash of the edit's column mask.
+    signed_columns: bool = True
+    predated: ClassVar[dict[str, Any]] = {"signed_columns": False}
 
 
 class MemoirMemory(EditMemory):
@@ -52,6 +59,8 @@ class MemoirMemory(EditMemory):
         self.register_buffer("permutation", torch.randperm(inter, generator=generator))
         self.register_buffer("background", torch.zeros(inter))
         self.register_buffer("masks", torch.zeros(0, inter, dtype=torch.bool))  # column mask per edit
+        # Per edit: the column mask as 0/1, or 0/±1 with `signed_columns` (what multiplies Wm's input).
+        self.register_buffer("column_weights", torch.zeros(0, inter, dtype=torch.int8))
         self.register_buffer("route_keys", torch.zeros(0, inter, dtype=torch.bool))
         self.register_buffer("key_owner", torch.zeros(0, dtype=torch.long))  # edit of each routing key
         self._key_matrix: torch.Tensor | None = None  # float copy of `route_keys` for the overlap matmul
@@ -94,7 +103,8 @@ class MemoirMemory(EditMemory):
         rows = (routes >= 0).nonzero().squeeze(1)
         if rows.numel():
             ctx = None if context is None else context[rows]
-            masked = self.memory_input(a[rows], ctx) * self.masks[routes[rows]]
+            x = self.memory_input(a[rows], ctx)
+            masked = x * self.column_weights[routes[rows]].to(x.dtype)
             out[rows] = (masked @ self.residual.T).to(a.dtype)
         return out
 
@@ -107,6 +117,21 @@ class MemoirMemory(EditMemory):
         if self.config.prompt_context and context is not None:  # None: a route forced without a prompt
             x = x + (context.to(x.dtype) - self.background)
         return x
+
+    def weights_of(self, masks: torch.Tensor) -> torch.Tensor:
+        """Column masks [E, I] bool -> what multiplies Wm's input per edit [E, I] int8."""
+        weights = masks.to(torch.int8)
+        if self.config.signed_columns:
+            for row, mask in zip(weights, masks):
+                row *= torch.from_numpy(self.signs_of(mask))
+        return weights
+
+    def signs_of(self, mask: torch.Tensor) -> np.ndarray:
+        """A ±1 pattern per column, a pure function of the mask bits (stable across undo/rollback)."""
+        digest = hashlib.blake2b(np.packbits(mask.numpy()).tobytes(), digest_size=8)
+        digest.update(str(self.config.permutation_seed).encode())
+        rng = np.random.default_rng(int.from_bytes(digest.digest(), "little"))
+        return (rng.integers(0, 2, mask.numel(), dtype=np.int8) * 2 - 1).astype(np.int8)
 
     def route_label(self, route: int) -> str:
         return "none" if route < 0 else f"edit-{route}"
@@ -126,12 +151,14 @@ class MemoirMemory(EditMemory):
         first = torch.ones_like(owners, dtype=torch.bool)
         first[1:] = owners[1:] != owners[:-1]
         self.masks = keys[first].clone()
+        self.column_weights = self.weights_of(self.masks)
         self.route_keys, self.key_owner = keys.clone(), owners.clone()
         self._key_matrix = None
 
     def add_edit(self, keys: torch.Tensor) -> None:
         """Append an edit whose column mask is `keys[0]` and whose routing keys are `keys` [n, I]."""
         self.masks = torch.cat([self.masks, keys[:1]])
+        self.column_weights = torch.cat([self.column_weights, self.weights_of(keys[:1])])
         self.route_keys = torch.cat([self.route_keys, keys])
         self.key_owner = torch.cat([self.key_owner, torch.full((len(keys),), self.num_edits - 1)])
         self._key_matrix = None
@@ -147,13 +174,15 @@ class MemoirSession(EditSession):
         self.keys = memory.key(means)
         self.mask = self.keys[0]  # the bare prompt's key chooses the columns
         self.columns = self.mask.nonzero().squeeze(1)
+        self.column_signs = memory.weights_of(self.mask[None])[0, self.columns].float()
         self.weight = memory.residual[:, self.columns].clone().requires_grad_(True)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.weight]
 
     def delta(self, a: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return self.memory.memory_input(a, context)[:, self.columns] @ self.weight.T
+        x = self.memory.memory_input(a, context)[:, self.columns] * self.column_signs
+        return x @ self.weight.T
 
     def done(self, target_loss: float, aux_loss: float) -> bool:
         return target_loss <= self.memory.config.stop_loss

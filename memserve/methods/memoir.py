@@ -60,8 +60,7 @@ class MemoirMemory(EditMemory):
         self.register_buffer("residual", torch.zeros(hidden, inter))
         self.register_buffer("permutation", torch.randperm(inter, generator=generator))
         self.register_buffer("background", torch.zeros(inter))
-        self.register_buffer("masks", torch.zeros(0, inter, dtype=torch.bool))  # column mask per edit
-        # Per edit: the column mask as 0/1, or 0/±1 with `signed_columns` (what multiplies Wm's input).
+        # Per edit: its column mask as 0/1, or 0/±1 with `signed_columns` (what multiplies Wm's input).
         self.register_buffer("column_weights", torch.zeros(0, inter, dtype=torch.int8))
         self.register_buffer("route_keys", torch.zeros(0, inter, dtype=torch.bool))
         self.register_buffer("key_owner", torch.zeros(0, dtype=torch.long))  # edit of each routing key
@@ -69,7 +68,12 @@ class MemoirMemory(EditMemory):
 
     @property
     def num_edits(self) -> int:
-        return self.masks.shape[0]
+        return self.column_weights.shape[0]
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """Column mask per edit [E, I] bool."""
+        return self.column_weights != 0
 
     def token_stats(self, a: torch.Tensor) -> torch.Tensor:
         return a.float()
@@ -133,7 +137,7 @@ class MemoirMemory(EditMemory):
         digest = hashlib.blake2b(np.packbits(mask.numpy()).tobytes(), digest_size=8)
         digest.update(str(self.config.permutation_seed).encode())
         rng = np.random.default_rng(int.from_bytes(digest.digest(), "little"))
-        return (rng.integers(0, 2, mask.numel(), dtype=np.int8) * 2 - 1).astype(np.int8)
+        return rng.integers(0, 2, mask.numel(), dtype=np.int8) * 2 - 1
 
     def route_label(self, route: int) -> str:
         return "none" if route < 0 else f"edit-{route}"
@@ -152,14 +156,12 @@ class MemoirMemory(EditMemory):
             setattr(self, name, tensors[name].clone())
         first = torch.ones_like(owners, dtype=torch.bool)
         first[1:] = owners[1:] != owners[:-1]
-        self.masks = keys[first].clone()
-        self.column_weights = self.weights_of(self.masks)
+        self.column_weights = self.weights_of(keys[first])
         self.route_keys, self.key_owner = keys.clone(), owners.clone()
         self._key_matrix = None
 
     def add_edit(self, keys: torch.Tensor) -> None:
         """Append an edit whose column mask is `keys[0]` and whose routing keys are `keys` [n, I]."""
-        self.masks = torch.cat([self.masks, keys[:1]])
         self.column_weights = torch.cat([self.column_weights, self.weights_of(keys[:1])])
         self.route_keys = torch.cat([self.route_keys, keys])
         self.key_owner = torch.cat([self.key_owner, torch.full((len(keys),), self.num_edits - 1)])

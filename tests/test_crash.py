@@ -114,6 +114,7 @@ def lane(name: str, base: Path, model: Path, seed: int, point: str) -> dict:
     command = edit_command(facts_file, store, model)
     reported: dict[int, tuple[int, int]] = {}
     stats = {"kills": 0, "phases": [], "unreported": 0}
+    edits = 0
     for _ in range(TRIALS_PER_LANE):
         lines, phase = run_and_kill(command, rng)
         stats["phases"].append(phase)
@@ -127,9 +128,12 @@ def lane(name: str, base: Path, model: Path, seed: int, point: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     killed = subprocess.run([sys.executable, "-c", KILL_AT, point, "2", *command[1:]], capture_output=True, text=True, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    reported.update({int(m[2]): (int(m[1]), int(m[3])) for m in map(STORED.search, killed.stdout.splitlines() + killed.stderr.splitlines()) if m})
-    edits = check_store(store, facts, reported)
-    assert edits == len(reported) + (point == "after-commit")
+    output = killed.stdout + killed.stderr
+    reported.update({int(m[2]): (int(m[1]), int(m[3])) for m in map(STORED.search, output.splitlines()) if m})
+    # Exactly the edits this run committed and reported, plus the one killed after its commit and
+    # before its line (a random kill above may have left such an edit too: count from the store).
+    committed = len(re.findall(r": committed edit \d+", output))
+    assert check_store(store, facts, reported) == edits + committed + (point == "after-commit")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     check_store(store, facts, reported)

@@ -61,10 +61,10 @@ def run(dataset: str, method: str, counts: list[int | None], config: dict, gener
 
 
 def summary(row: dict) -> dict:
-    keys = ("dataset", "method", "T", "rel", "gen", "loc", "ppl", "gen_acc", "seconds_per_edit_median")
+    keys = ("dataset", "method", "T", "rel", "gen", "loc", "ppl", "gen_acc", "gen_exact", "seconds_per_edit_median")
     out = {k: row[k] for k in keys if k in row}
     if "chat" in row:
-        out["chat"] = {k: row["chat"][k] for k in ("rel", "gen", "loc", "ppl", "gen_acc") if k in row["chat"]}
+        out["chat"] = {k: row["chat"][k] for k in ("rel", "gen", "loc", "ppl", "gen_acc", "gen_exact") if k in row["chat"]}
     return out
 
 

@@ -159,6 +159,8 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
         outputs, _ = backend.generate(prompts, longest + 4)
         texts = [edited.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
         result["gen_acc"] = _mean([_normalise(f.target) in _normalise(t) for f, t in zip(facts, texts)])
+        # Stricter: the answer is the target and nothing more (the model stopped after it).
+        result["gen_exact"] = _mean([_normalise(f.target) == _normalise(t) for f, t in zip(facts, texts)])
     return result
 
 

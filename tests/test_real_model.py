@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from memserve.editor import open_session
+from memserve.facts import Fact
+
 from .conftest import FACTS, write_facts
 
 pytestmark = pytest.mark.real_model
@@ -40,3 +43,17 @@ def test_edit_then_eval_on_default_model(tmp_path, default_model_dir, method):
     assert run("store", "verify", "--store", store).returncode == 0
     info = json.loads(run("store", "info", "--store", store, "--json").stdout)
     assert info["edits"] == 3 and info["model"] == "SmolLM2-135M-Instruct"
+
+
+def test_stop_after_answer_ends_the_answer_on_default_model(tmp_path, default_model_dir):
+    """With `stop_after_answer` greedy decoding says the target and ends, as written and as a chat
+    turn (without it the memory tends to repeat the answer until max_new_tokens)."""
+    facts = [Fact(f["prompt"], f["target"], tuple(f["rephrases"])) for f in FACTS]
+    runner = open_session(tmp_path / "store", config={"stop_after_answer": True}, facts=facts)
+    runner.apply(facts)
+    edited = runner.edited
+    for encode in (edited.encode, edited.chat.format):
+        answers, _ = edited.generate([encode(f.prompt) for f in facts], 12)
+        said = [edited.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
+        assert sum(text == f.target for text, f in zip(said, facts)) >= 2, said
+    runner.store.close()

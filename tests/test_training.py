@@ -6,7 +6,7 @@ import torch
 from memserve.editor import open_session
 from memserve.evaluate import HFBackend, evaluate
 from memserve.facts import Fact
-from memserve.training import FastStepper, NaiveStepper, edit_batch, prepare
+from memserve.training import CandidateHead, FastStepper, NaiveStepper, edit_batch, prepare
 
 from .conftest import FACTS, tiny_config
 
@@ -35,7 +35,10 @@ def test_fast_step_matches_naive_step(tmp_path, tiny_model_dir, method, extra):
 
 
 def test_sequential_memoir_edits_are_learned_and_routed(tmp_path, tiny_model_dir):
-    runner = open_session(tmp_path / "s", tiny_model_dir, method="memoir", config=tiny_config(steps=120, tau=0.9))
+    # A random tiny model cannot make any token likely (its loss stays near ln(vocab)); only argmaxes
+    # move. Without the end-of-answer token all three edits share, each learned argmax is a fact's own.
+    runner = open_session(tmp_path / "s", tiny_model_dir, method="memoir",
+                          config=tiny_config(steps=120, tau=0.9, stop_after_answer=False))
     report = runner.apply(FACT_OBJECTS)
     assert report.added == 3 and runner.store.num_edits == 3
     assert runner.apply(FACT_OBJECTS).skipped == 3  # resumable: nothing duplicated
@@ -45,3 +48,33 @@ def test_sequential_memoir_edits_are_learned_and_routed(tmp_path, tiny_model_dir
     assert result["routing"]["edit_prompt_to_own_edit"] == 1.0
     assert result["rel"] > 0.9  # a random tiny model can still memorise a few targets
     assert result["loc"] == 1.0 and result["routing"]["locality_to_no_edit"] == 1.0
+
+
+@pytest.mark.parametrize("stop_after_answer", [True, False])
+def test_key_answers_end_in_eos_only_when_asked(tmp_path, tiny_model_dir, stop_after_answer):
+    runner = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config(stop_after_answer=stop_after_answer))
+    edited = runner.edited
+    batch = edit_batch(edited, FACT_OBJECTS[0], runner.prefixes, ("Something unrelated.", ""))
+    eos = edited.tokenizer.eos_token_id
+    ends = [seq[-1] == eos for seq in batch.sequences]
+    assert ends == [stop_after_answer and row in batch.key_rows for row in range(len(batch.sequences))]
+    assert len(batch.key_rows) == 2  # the bare edit and its chat turn
+    assert prepare(edited, batch).target_ids.tolist().count(eos) == (len(batch.key_rows) if stop_after_answer else 0)
+
+
+def test_candidate_head_is_the_full_softmax_restricted_to_likely_tokens(tmp_path, tiny_model_dir):
+    runner = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config())
+    edited = runner.edited
+    prepared = prepare(edited, edit_batch(edited, FACT_OBJECTS[0], runner.prefixes, ("Something unrelated.", "")))
+    states = FastStepper(edited, prepared).target_states(edited.memory.start_edit(prepared.examples))
+    head = CandidateHead(edited.model.lm_head, prepared.target_ids, per_position=5)
+    assert head.vocab.tolist() == sorted(set(prepared.target_ids.tolist()))
+    exact = head.exact_loss(states)
+    full_logits = edited.model.lm_head(states).float()
+    assert torch.allclose(exact, torch.nn.functional.cross_entropy(full_logits, prepared.target_ids))
+    likely = set(full_logits.topk(5, dim=-1).indices.flatten().tolist())
+    assert set(head.vocab.tolist()) == likely | set(prepared.target_ids.tolist())
+    assert head.loss(states) < exact  # fewer tokens in the softmax: the restricted loss is lower
+    everything = CandidateHead(edited.model.lm_head, prepared.target_ids, per_position=full_logits.shape[-1])
+    everything.exact_loss(states)
+    assert torch.allclose(everything.loss(states), exact, atol=1e-5)

@@ -28,6 +28,7 @@ class MemoirConfig(MethodConfig):
     layer: int = 24
     top_k: int = 440  # active input features per mask (paper: 4096 of 14336 ≈ 28.6%)
     tau: float = 0.5  # minimum mask overlap for a query to use an edit (ZsRE dev: unrelated <= .47)
+    lr: float = 0.02  # ZsRE dev: as good as 0.01 (Rel/Gen/Loc within .005) in ~40% fewer steps
     steps: int = 30
     # Weight decay only touches the edit's own columns (the reference decays all of Wm, slowly
     # eroding earlier edits).
@@ -44,7 +45,7 @@ class MemoirConfig(MethodConfig):
     # al. 2019). Edits sharing mask columns then write along near-orthogonal directions, so a later
     # edit barely moves an earlier edit's output. The pattern is a hash of the edit's column mask.
     signed_columns: bool = True
-    predated: ClassVar[dict[str, Any]] = {"signed_columns": False}
+    predated: ClassVar[dict[str, Any]] = {**MethodConfig.predated, "signed_columns": False}
 
 
 class MemoirMemory(EditMemory):

@@ -193,3 +193,15 @@ def test_wise_state_keeps_one_tensor_per_memory_and_reloads():
     # Options a store predates keep the behaviour it was trained with.
     stored = WiseConfig.from_stored({"layer": 22})
     assert stored.score == "tokens" and not stored.decentre and stored.negatives == 1 and not stored.normalise
+
+
+def test_wise_margin_pick_prefers_the_memory_furthest_above_its_own_threshold():
+    base = torch.randn(H, I)
+    for margin_pick, expected in ((True, 0), (False, 1)):
+        memory = WiseMemory(WiseConfig(layer=0, score="tokens", margin_pick=margin_pick), base)
+        memory.memories = torch.stack([base, base])
+        memory.memory_eps = torch.tensor([1.0, 10.0])
+        memory.memory_is_shard = torch.tensor([False, False])
+        memory._routable = None
+        assert memory.route(torch.tensor([[2.0, 12.0]]))[0].item() == expected  # ratios 2.0 vs 1.2
+    assert not WiseConfig.from_stored({"layer": 22}).margin_pick

@@ -98,8 +98,10 @@ class EditSessionRunner:
                 if progress:
                     progress(fact, "skipped", self.store.record(stored))
                 continue
-            negative = self.out_of_scope[self.store.num_edits % len(self.out_of_scope)]
-            batch = edit_batch(self.edited, fact, self.prefixes, (negative, ""))
+            count = getattr(self.edited.memory.config, "negatives", 1)  # WISE's hinge loss may use several
+            pool, first = self.out_of_scope, self.store.num_edits * count
+            negatives = [(pool[(first + j) % len(pool)], "") for j in range(count)]
+            batch = edit_batch(self.edited, fact, self.prefixes, negatives)
             outcome = train_edit(self.edited, batch, naive=naive)
             key = outcome.record.pop("key", None)
             payload = fact.to_dict()

@@ -58,10 +58,14 @@ def chat_prompt_and_answer(edited: EditedModel, prompt: str, answer: str) -> tup
     return prompt_ids + edited.encode(answer.strip()), len(prompt_ids)
 
 
-def edit_batch(edited: EditedModel, fact: Fact, prefixes: list[str], out_of_scope: tuple[str, str]) -> TokenBatch:
+def edit_batch(
+    edited: EditedModel, fact: Fact, prefixes: list[str], out_of_scope: tuple[str, str] | list[tuple[str, str]]
+) -> TokenBatch:
     """Row 0: the bare edit; row 1: the edit as a chat turn (when the tokenizer has a chat template;
-    its routing span gives the edit a second key); then one row per prefix; last: one out-of-scope
-    example. With `stop_after_answer` the key rows' answers end in the end-of-sequence token."""
+    its routing span gives the edit a second key); then one row per prefix; last: the out-of-scope
+    example(s) (a (prompt, answer) pair or a list of them). With `stop_after_answer` the key rows'
+    answers end in the end-of-sequence token."""
+    negatives = [out_of_scope] if isinstance(out_of_scope, tuple) else list(out_of_scope)
     rows = [prompt_and_answer(edited, fact.prompt, fact.target)]
     if edited.chat.available:
         rows.append(chat_prompt_and_answer(edited, fact.prompt, fact.target))
@@ -70,8 +74,8 @@ def edit_batch(edited: EditedModel, fact: Fact, prefixes: list[str], out_of_scop
     if edited.memory.config.stop_after_answer and eos is not None:
         rows = [(seq + [eos], plen) for seq, plen in rows]
     rows += [prompt_and_answer(edited, f"{prefix}. {fact.prompt}", fact.target) for prefix in prefixes]
-    in_scope = [True] * len(rows) + [False]
-    rows.append(prompt_and_answer(edited, *out_of_scope))
+    in_scope = [True] * len(rows) + [False] * len(negatives)
+    rows += [prompt_and_answer(edited, *negative) for negative in negatives]
     return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows)
 
 

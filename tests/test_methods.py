@@ -92,7 +92,8 @@ def test_memoir_signed_columns_stable_per_mask_and_shared_columns_decorrelate():
 def test_wise_routes_by_score_threshold_and_picks_highest():
     torch.manual_seed(0)
     base = torch.randn(H, I)
-    memory = WiseMemory(WiseConfig(layer=0, act_ratio=0.5), base)
+    paper = dict(score="tokens", decentre=False, normalise=False, save_freq=500, merge_freq=1000)  # the paper's gate
+    memory = WiseMemory(WiseConfig(layer=0, act_ratio=0.5, **paper), base)
     a = torch.randn(2, I)
     assert memory.route(memory.token_stats(a))[0].tolist() == [NO_ROUTE, NO_ROUTE]
     state = {**memory.state_tensors(), "side": base + torch.randn(H, I), "side_min_score": torch.tensor(10.0),
@@ -132,3 +133,75 @@ def test_wise_shards_and_merges_on_schedule():
     assert memory.memories.shape[0] == 1 and memory.memory_is_shard.tolist() == [False]
     assert memory.side_edits == 0 and torch.equal(memory.side, base)
     assert int(memory.counters[2]) == 2  # two shards, two different gradient masks
+
+
+def test_wise_prompt_score_is_normalised_decentred_gain_of_prompt_mean():
+    torch.manual_seed(0)
+    base = torch.randn(H, I)
+    config = WiseConfig(layer=0, act_ratio=0.5, score="prompt", decentre=True, normalise=True, save_freq=1, merge_freq=1)
+    memory = WiseMemory(config, base)
+    memory.calibrate(torch.randn(I))
+    tokens = torch.randn(5, I)
+    assert torch.equal(memory.token_stats(tokens), tokens)  # the caller averages `a` itself
+    # Two one-edit memories (Retrieve): each its own task vector and threshold.
+    deltas = [torch.randn(H, I), torch.randn(H, I)]
+    for delta in deltas:
+        memory.side = base + delta
+        memory.side_min_score = torch.tensor(2.0)
+        memory.counters[0] += 1
+        memory.counters[1] += 1
+        memory._close_side()
+        memory._merge_shards()
+    memory._routable = None
+    mean = tokens.mean(0, keepdim=True)
+    x = mean - memory.background
+    expected = torch.stack([(d @ x[0]).norm() / x.norm() for d in deltas])
+    assert torch.allclose(memory.gate_scores(mean)[0], expected, rtol=1e-5)
+    routes, best = memory.route(mean)
+    assert routes.item() == int(expected.argmax()) and torch.isclose(best[0], expected.max())
+    # The training score is the same number, from the token activations and the prompt mask.
+    side = memory.base_weight + deltas[1]
+    got = memory.scores(side, tokens[None], torch.ones(1, 5, dtype=torch.bool))
+    assert torch.allclose(got[0], expected[1], rtol=1e-5)
+    # The background itself scores 0 everywhere, below every memory's eps (0.5 * 2.0): no edit.
+    assert memory.route(memory.background[None])[0].item() == NO_ROUTE
+
+
+def test_wise_state_keeps_one_tensor_per_memory_and_reloads():
+    torch.manual_seed(0)
+    base = torch.randn(H, I)
+    memory = WiseMemory(WiseConfig(layer=0, save_freq=1, merge_freq=2, retrieve=False), base)
+    for _ in range(2):
+        memory.side = base + torch.randn(H, I)
+        memory.side_min_score = torch.tensor(1.0)
+        memory.counters[0] += 1
+        memory.counters[1] += 1
+        memory._close_side()
+        state = memory.state_tensors()
+    assert {"memory-0", "memory-1"} <= set(state) and "memories" not in state
+    memory._merge_shards()  # two shards fold into one: the freed slot is persisted empty
+    state = memory.state_tensors()
+    assert state["memory-0"].shape == (H, I) and state["memory-1"].numel() == 0
+    again = WiseMemory(memory.config, base)
+    again.load_state(state, torch.zeros(0, I, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+    assert torch.equal(again.memories, memory.memories) and torch.equal(again.memory_eps, memory.memory_eps)
+    # Stores written before per-memory tensors (one stacked `memories`) still load.
+    old = {k: v for k, v in state.items() if not k.startswith("memory-")} | {"memories": memory.memories}
+    again = WiseMemory(memory.config, base)
+    again.load_state(old, torch.zeros(0, I, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+    assert torch.equal(again.memories, memory.memories)
+    # Options a store predates keep the behaviour it was trained with.
+    stored = WiseConfig.from_stored({"layer": 22})
+    assert stored.score == "tokens" and not stored.decentre and stored.negatives == 1 and not stored.normalise
+
+
+def test_wise_margin_pick_prefers_the_memory_furthest_above_its_own_threshold():
+    base = torch.randn(H, I)
+    for margin_pick, expected in ((True, 0), (False, 1)):
+        memory = WiseMemory(WiseConfig(layer=0, score="tokens", margin_pick=margin_pick), base)
+        memory.memories = torch.stack([base, base])
+        memory.memory_eps = torch.tensor([1.0, 10.0])
+        memory.memory_is_shard = torch.tensor([False, False])
+        memory._routable = None
+        assert memory.route(torch.tensor([[2.0, 12.0]]))[0].item() == expected  # ratios 2.0 vs 1.2
+    assert not WiseConfig.from_stored({"layer": 22}).margin_pick

@@ -198,15 +198,20 @@ def test_empty_memory_and_no_plan_are_identity():
     assert runtime.apply(out, torch.randn(3, I)) is out  # dummy/profile run: no plan
 
 
-def test_wise_memory_routes_like_reference():
+@pytest.mark.parametrize("gate", ["paper", "default"])
+def test_wise_memory_routes_like_reference(gate):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(H, I, generator=g)
-    memory = WiseMemory(WiseConfig(), base)
+    paper = dict(score="tokens", decentre=False, normalise=False)  # mean of token scores
+    memory = WiseMemory(WiseConfig(**paper) if gate == "paper" else WiseConfig(), base)
+    memory.calibrate(torch.randn(I, generator=g))
     side = base + 0.5 * torch.randn(H, I, generator=g)
     state = {k: v.clone() for k, v in memory.state_tensors().items()}
     state.update(side=side, side_min_score=torch.tensor(1.0), counters=torch.tensor([1, 1, 0]))
     memory.load_state(state, torch.zeros(0, I, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
-    seqs = {"a": 3 * torch.randn(7, I, generator=g), "b": 0.01 * torch.randn(6, I, generator=g)}
+    # "b" scores ~0: tiny activations (paper), or exactly the background (decentred gain).
+    quiet = 0.01 * torch.randn(6, I, generator=g) if gate == "paper" else memory.background.expand(6, I).clone()
+    seqs = {"a": 3 * torch.randn(7, I, generator=g), "b": quiet}
     plens = {"a": 5, "b": 4}
     runtime = MemoryRuntime(memory)
     got = run_schedule(runtime, seqs, plens, [[("a", 0, 2), ("b", 0, 4)], [("a", 2, 3), ("b", 4, 1)],

@@ -1,9 +1,11 @@
 """WISE (arXiv 2405.14768): side copies of the FFN value matrix, gated by an activation score.
 
-A side memory W' starts as a copy of the base down-projection W. A query's score for a memory is the
-mean over its prompt tokens of `||W' a - W a||` (the paper's form, without the reference code's extra
-activation). A memory is eligible when the score reaches its threshold eps; among eligible memories
-the highest score wins (WISE-Retrieve); with none eligible the base output is used unchanged.
+A side memory W' starts as a copy of the base down-projection W. A query's score for a memory is, by
+default, the gain `||(W' - W) x|| / ||x||` on x = the prompt's mean activation minus a background mean
+(`score="prompt"`, `decentre`, `normalise`); the paper's form, the mean over prompt tokens of
+`||W' a - W a||` (`score="tokens"`), let locality probes outscore the edits here (SmolLM2, ZsRE dev).
+A memory is eligible when the score reaches its threshold eps; among eligible memories the highest
+score wins (WISE-Retrieve); with none eligible the base output is used unchanged.
 
 Each edit trains W' with the target loss plus a routing hinge loss (margins alpha, beta, gamma) that
 pushes in-scope scores up and out-of-scope scores down, with gradients confined to a random mask per
@@ -17,7 +19,7 @@ This file is the single home of WISE's routing rule (`WiseMemory.route`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +29,50 @@ from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig
 
 @dataclass
 class WiseConfig(MethodConfig):
-    layer: int = 22
+    # Layer 24 of 30: there a question's decentred prompt mean is closest to its rephrase's relative to
+    # unrelated prompts (ZsRE dev: rephrase cosine median .86, unrelated .08, rephrase top-1 .99; .89
+    # at 22), as for MEMOIR (benchmarks/routing_layers.py).
+    layer: int = 24
     lr: float = 0.02
     steps: int = 60
     mask_ratio: float = 0.2  # rho: share of W' entries one shard may change
-    act_ratio: float = 0.88  # eps = act_ratio * (lowest in-scope score seen by the memory)
+    # eps = act_ratio * (lowest in-scope key score seen by the memory). ZsRE dev T=148 (scores of the
+    # final memories): locality probes reach no memory .973 at .6, 1.0 at .64-.70; rephrases routed
+    # .980 at .6, .946 at .65, .919 at .7.
+    act_ratio: float = 0.65
     alpha: float = 5.0  # out-of-scope scores pushed below alpha
     beta: float = 20.0  # in-scope scores pushed above beta
     gamma: float = 10.0  # in-scope must beat out-of-scope by gamma
     clamp: float = 1.0  # W' stays within W ± clamp, elementwise
-    save_freq: int = 500
-    merge_freq: int = 1000
+    # One edit per memory (WISE-Retrieve at its finest grain). Edits sharing a side memory overwrite
+    # each other here: all questions end alike, so a later edit remaps an earlier one's answer span
+    # (ZsRE dev, 10 edits in one memory: Rel .77 with routing 1.0; 5 per memory: Rel .78).
+    save_freq: int = 1
+    merge_freq: int = 1
     merge_density: float = 0.53  # TIES: share of each task vector kept
     retrieve: bool = True
+    # What the gate reads. "tokens" (the paper): mean over prompt tokens of ||(W'-W) a_t||. "prompt":
+    # ||(W'-W) x|| with x the prompt's mean activation. Token norms are dominated by what every
+    # prompt shares, so with "tokens" locality probes outscored the edits' own prompts.
+    score: str = "prompt"
+    # Score `a - background` (mean over unrelated prompts, set by `calibrate`) instead of `a`: the
+    # common component every prompt shares would otherwise dominate every score.
+    decentre: bool = True
+    # Divide the "prompt" score by ||x||: the memory's gain on the prompt rather than its output size,
+    # so the margins alpha/beta/gamma mean the same for every edit and memories compare fairly.
+    normalise: bool = True
+    # Out-of-scope rows per edit for the hinge loss (background prompts, see `editor`).
+    negatives: int = 24
+    # The threshold comes from the lowest score of all the edit's routing keys (bare prompt and chat
+    # turn, `EditExamples.key_rows`), not the bare prompt alone, so chat requests reach the memory.
+    key_eps: bool = True
+    # Among eligible memories pick the highest score / eps (margin over the memory's own threshold)
+    # rather than the highest raw score (the paper). ZsRE dev T=148: edit prompts reaching their own
+    # memory .993 -> 1.0, rephrases .973 -> .980.
+    margin_pick: bool = True
+    predated: ClassVar[dict[str, Any]] = {
+        "score": "tokens", "decentre": False, "negatives": 1, "normalise": False, "key_eps": False, "margin_pick": False,
+    }
 
 
 def ties_merge(task_vectors: torch.Tensor, density: float) -> torch.Tensor:
@@ -66,6 +99,7 @@ class WiseMemory(EditMemory):
         self.register_buffer("base_weight", base_weight.detach().float().clone(), persistent=False)
         self.register_buffer("side", self.base_weight.clone())
         self.register_buffer("side_min_score", torch.tensor(float("inf")))
+        self.register_buffer("background", torch.zeros(inter))
         # Finished memories (pending shards and merged memories) with their thresholds.
         self.register_buffer("memories", torch.zeros(0, hidden, inter))
         self.register_buffer("memory_eps", torch.zeros(0))
@@ -73,6 +107,7 @@ class WiseMemory(EditMemory):
         # [edits in total, edits in the current side memory, shards started so far]
         self.register_buffer("counters", torch.zeros(3, dtype=torch.long))
         self._routable: tuple[torch.Tensor, torch.Tensor] | None = None  # `_candidates()`, until the state changes
+        self._slots = 0  # `memory-<i>` tensors persisted so far (see `state_tensors`)
 
     # --- bookkeeping ----------------------------------------------------------------------
     @property
@@ -99,19 +134,36 @@ class WiseMemory(EditMemory):
         return torch.rand(self.side.shape, generator=generator) < self.config.mask_ratio
 
     # --- routing and inference --------------------------------------------------------------
+    def gate_input(self, a: torch.Tensor) -> torch.Tensor:
+        """What the score's norm is taken of (before the memory's task vector): `a`, or `a - background`."""
+        return a.float() - self.background if self.config.decentre else a.float()
+
     def token_stats(self, a: torch.Tensor) -> torch.Tensor:
+        if self.config.score == "prompt":  # the prompt mean of `a` itself; `route` scores it
+            return a.float()
         deltas, _ = self._candidates()
         if deltas.shape[0] == 0:
             return a.new_zeros(a.shape[0], 0, dtype=torch.float32)
-        return torch.einsum("ni,mhi->nmh", a.float(), deltas).norm(dim=-1)
+        return torch.einsum("ni,mhi->nmh", self.gate_input(a), deltas).norm(dim=-1)
+
+    def gate_scores(self, mean_stats: torch.Tensor) -> torch.Tensor:
+        """Prompt means of `token_stats` [B, D] -> each memory's score [B, M]."""
+        if self.config.score != "prompt":
+            return mean_stats
+        deltas, _ = self._candidates()
+        x = self.gate_input(mean_stats)
+        scores = torch.einsum("bi,mhi->bmh", x, deltas).norm(dim=-1)
+        return scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-6) if self.config.normalise else scores
 
     def route(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, eps = self._candidates()
         batch = mean_stats.shape[0]
         if eps.numel() == 0:
             return torch.full((batch,), NO_ROUTE, dtype=torch.long), torch.zeros(batch)
+        mean_stats = self.gate_scores(mean_stats)
         eligible = mean_stats >= eps
-        _, best = torch.where(eligible, mean_stats, torch.full_like(mean_stats, -1.0)).max(dim=-1)
+        rank = mean_stats / eps.clamp_min(1e-12) if self.config.margin_pick else mean_stats
+        _, best = torch.where(eligible, rank, torch.full_like(rank, -1.0)).max(dim=-1)
         routes = torch.where(eligible.any(-1), best, torch.full_like(best, NO_ROUTE))
         return routes, mean_stats.max(dim=-1).values
 
@@ -133,9 +185,15 @@ class WiseMemory(EditMemory):
         return WiseSession(self, examples)
 
     def scores(self, side: torch.Tensor, a: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Per-row mean over prompt tokens of ||(W' - W) a||, differentiable in W'."""
-        per_token = (a.float() @ (side - self.base_weight).T).norm(dim=-1)  # [S, T]
+        """Per-row gate score (`token_stats` averaged over the prompt, then `route`'s score),
+        differentiable in W'."""
         weights = prompt_mask.float()
+        if self.config.score == "prompt":
+            mean_a = (a.float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
+            x = self.gate_input(mean_a)
+            scores = (x @ (side - self.base_weight).T).norm(dim=-1)
+            return scores / x.norm(dim=-1).clamp_min(1e-6) if self.config.normalise else scores
+        per_token = (self.gate_input(a) @ (side - self.base_weight).T).norm(dim=-1)  # [S, T]
         return (per_token * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
     def _close_side(self) -> None:
@@ -163,12 +221,31 @@ class WiseMemory(EditMemory):
         self.memory_eps = torch.cat([self.memory_eps[~shards], eps[None]])
         self.memory_is_shard = torch.cat([self.memory_is_shard[~shards], torch.tensor([False])])
 
+    def calibrate(self, background_mean: torch.Tensor) -> None:
+        self.background = background_mean.float().clone()
+        self._routable = None
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        names = ("side", "side_min_score", "memories", "memory_eps", "memory_is_shard", "counters")
-        return {name: getattr(self, name) for name in names}
+        """Each finished memory is its own tensor (`memory-<i>`), so an edit that adds a memory stores
+        just that one, not a grown copy of all of them (the store keeps an undo per changed tensor).
+        Slots a merge freed hold an empty tensor."""
+        names = ("side", "side_min_score", "memory_eps", "memory_is_shard", "counters", "background")
+        out = {name: getattr(self, name) for name in names}
+        count = self.memories.shape[0]
+        self._slots = max(self._slots, count)
+        for i in range(self._slots):
+            out[f"memory-{i}"] = self.memories[i] if i < count else torch.zeros(0)
+        return out
 
     def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
-        for name, value in tensors.items():
+        tensors = dict(tensors)
+        slots = sorted((k for k in tensors if k.startswith("memory-")), key=lambda k: int(k.split("-")[1]))
+        stacked = [tensors.pop(k) for k in slots]
+        if slots:
+            count = int(tensors["memory_eps"].shape[0])
+            tensors["memories"] = torch.stack(stacked[:count]) if count else self.memories.new_zeros(0, *self.base_weight.shape)
+        self._slots = len(slots)
+        for name, value in tensors.items():  # stores older than `background` keep zeros (never decentred)
             setattr(self, name, value.clone())
         self._routable = None
 
@@ -208,7 +285,8 @@ class WiseSession(EditSession):
     def finish(self) -> dict[str, Any]:
         memory, cfg = self.memory, self.memory.config
         side = self.side.detach()
-        score = memory.scores(side, self.examples.a[:1], self.examples.prompt_mask[:1])[0]
+        rows = list(self.examples.key_rows) if cfg.key_eps else [0]
+        score = memory.scores(side, self.examples.a[rows], self.examples.prompt_mask[rows]).min()
         memory.side = side.clone()
         memory.side_min_score = torch.minimum(memory.side_min_score, score)
         memory.counters[0] += 1

@@ -112,12 +112,14 @@ class EditedModel:
         return out, state.routes
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, use_memory: bool = True):
-        """Greedy continuations (token lists, stopped at EOS) and the route of each prompt."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, use_memory: bool = True, min_new_tokens: int = 0):
+        """Greedy continuations (token lists, stopped at EOS) and the route of each prompt. EOS cannot
+        be chosen before `min_new_tokens` (vLLM's `min_tokens`)."""
         ids, attention, prompt_mask, answer_mask = self.pad(prompts, [len(p) for p in prompts], left=True)
         kwargs = dict(
             input_ids=ids, attention_mask=attention.long(), max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            min_new_tokens=min_new_tokens,
         )
         routes = None
         if use_memory:

@@ -47,10 +47,10 @@ def client(server):
     return OpenAI(base_url=server.base + "/v1", api_key=server.api_key)
 
 
-def chat(client, prompt: str, max_tokens: int, stream: bool = False):
+def chat(client, prompt: str, max_tokens: int, stream: bool = False, min_tokens: int = 0):
     return client.chat.completions.create(
         model=client.models.list().data[0].id, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-        temperature=0, stream=stream,
+        temperature=0, stream=stream, extra_body={"min_tokens": min_tokens},
     )
 
 
@@ -76,11 +76,12 @@ def test_in_flight_request_keeps_its_memory_across_a_reload(server, client):
     try:
         edited = runner.edited
         questions = [f.prompt for f in test_facts(6)]
-        out, routes = edited.generate([edited.chat.format(q) for q in questions], LONG)
+        # Edited answers end after the target (`stop_after_answer`): no EOS before LONG tokens here.
+        out, routes = edited.generate([edited.chat.format(q) for q in questions], LONG, min_new_tokens=LONG)
         # the longest routed answer: the request that must still be running at the reload
         length, index = max((len(o), i) for i, (o, r) in enumerate(zip(out, routes.tolist())) if r >= 0)
         assert length >= LONG // 2, "no long routed reference answer to keep in flight"
-        long_question, long_reference = questions[index], edited.tokenizer.decode(out[index])
+        long_question, long_reference = questions[index], edited.tokenizer.decode(out[index], skip_special_tokens=True)
         runner.apply([Fact(prompt=NEW_FACT[0], target=NEW_FACT[1])])
         new_out, new_routes = edited.generate([edited.chat.format(NEW_FACT[0])], 10)
         new_reference = edited.tokenizer.decode(new_out[0])
@@ -88,7 +89,7 @@ def test_in_flight_request_keeps_its_memory_across_a_reload(server, client):
         runner.store.close()
     del runner, edited
 
-    stream = chat(client, long_question, LONG, stream=True)
+    stream = chat(client, long_question, LONG, stream=True, min_tokens=LONG)
     chunks = []
     for chunk in stream:
         chunks.append(chunk)

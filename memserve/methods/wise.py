@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig
+from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig, mean_prompt_stats
 
 
 @dataclass
@@ -146,11 +146,12 @@ class WiseMemory(EditMemory):
             return a.new_zeros(a.shape[0], 0, dtype=torch.float32)
         return torch.einsum("ni,mhi->nmh", self.gate_input(a), deltas).norm(dim=-1)
 
-    def gate_scores(self, mean_stats: torch.Tensor) -> torch.Tensor:
-        """Prompt means of `token_stats` [B, D] -> each memory's score [B, M]."""
+    def gate_scores(self, mean_stats: torch.Tensor, deltas: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt means of `token_stats` [B, D] -> the score of each memory [B, M] (task vectors
+        `deltas` [M, H, I], by default the routable memories')."""
         if self.config.score != "prompt":
             return mean_stats
-        deltas, _ = self._candidates()
+        deltas = self._candidates()[0] if deltas is None else deltas
         x = self.gate_input(mean_stats)
         scores = torch.einsum("bi,mhi->bmh", x, deltas).norm(dim=-1)
         return scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-6) if self.config.normalise else scores
@@ -187,12 +188,9 @@ class WiseMemory(EditMemory):
     def scores(self, side: torch.Tensor, a: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """Per-row gate score (`token_stats` averaged over the prompt, then `route`'s score),
         differentiable in W'."""
-        weights = prompt_mask.float()
         if self.config.score == "prompt":
-            mean_a = (a.float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
-            x = self.gate_input(mean_a)
-            scores = (x @ (side - self.base_weight).T).norm(dim=-1)
-            return scores / x.norm(dim=-1).clamp_min(1e-6) if self.config.normalise else scores
+            return self.gate_scores(mean_prompt_stats(self, a, prompt_mask), (side - self.base_weight)[None])[:, 0]
+        weights = prompt_mask.float()
         per_token = (self.gate_input(a) @ (side - self.base_weight).T).norm(dim=-1)  # [S, T]
         return (per_token * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 

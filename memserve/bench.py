@@ -1,8 +1,8 @@
 """`memserve bench throughput`: what N edits in the store cost in serving speed (issue 4).
 
 For every edit count N the served model runs one request mix against the UNEDITED engine of the same
-run, in alternating rounds (unedited, edited, unedited, ...), so the load of a shared machine falls on
-both alike: the ratios are the result, absolute tokens/s are machine-dependent. Two paths:
+run, in adjacent pairs of rounds, so the load of a shared machine falls on both alike: the ratio (median
+over pairs) is the result, absolute tokens/s are machine-dependent. Two paths:
 - offline: `VllmEditedModel` (vllm.LLM + plugin, in-process engine in a worker process), all requests
   submitted at once; latency = engine queue -> last token;
 - http: `memserve serve` subprocesses driven by concurrent streaming clients through vLLM's own
@@ -317,15 +317,23 @@ def _timed(engine, prompts: list[str], max_tokens: int) -> Round:
 
 
 def compare(unedited, edited, mix: Mix, max_tokens: int, rounds: int) -> dict:
-    """Alternating rounds of the same mix; ratio of the median tokens/s (edited / unedited)."""
+    """Rounds of the same mix in adjacent pairs (unedited then edited, the other way round every
+    second pair: ABBA, so neither side always runs first); the ratio is the median over pairs of
+    edited / unedited tokens/s, which cancels slow drift of a shared machine."""
     for engine in {id(unedited): unedited, id(edited): edited}.values():
         engine.run(mix.prompts, 4)  # the whole mix: kernels meet the round's batch shapes before timing
     base_rounds, edit_rounds = [], []
-    for _ in range(rounds):
-        base_rounds.append(_timed(unedited, mix.prompts, max_tokens))
-        edit_rounds.append(_timed(edited, mix.prompts, max_tokens))
+    for i in range(rounds):
+        if i % 2:
+            edit_rounds.append(_timed(edited, mix.prompts, max_tokens))
+            base_rounds.append(_timed(unedited, mix.prompts, max_tokens))
+        else:
+            base_rounds.append(_timed(unedited, mix.prompts, max_tokens))
+            edit_rounds.append(_timed(edited, mix.prompts, max_tokens))
     base, edit = _side(base_rounds), _side(edit_rounds)
-    out = {**edit, "ratio": edit["output_tok_s"] / base["output_tok_s"],
+    pair_ratios = [e.tok_s / b.tok_s for b, e in zip(base_rounds, edit_rounds)]
+    out = {**edit, "ratio": float(np.median(pair_ratios)), "pair_ratios": [round(r, 4) for r in pair_ratios],
+           "ratio_of_medians": edit["output_tok_s"] / base["output_tok_s"],
            **{f"unedited_{k}": v for k, v in base.items()}}
     routes = edit_rounds[-1].routes
     if routes is not None:
@@ -383,7 +391,7 @@ def machine() -> dict:
 
 def run_throughput(
     base: Path, edits: list[int], workdir: Path, modes: tuple[str, ...] = ("offline", "http"), requests: int = 64,
-    max_tokens: int = 32, rounds: int = 3, concurrency: int = 16, hf_requests: int = 4, dtype: str = "float32",
+    max_tokens: int = 32, rounds: int = 6, concurrency: int = 16, hf_requests: int = 4, dtype: str = "float32",
     log=print,
 ) -> list[dict]:
     """One row per edit count (see module doc); `workdir` receives the synthetic stores and server logs."""

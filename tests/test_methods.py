@@ -205,3 +205,33 @@ def test_wise_margin_pick_prefers_the_memory_furthest_above_its_own_threshold():
         memory._routable = None
         assert memory.route(torch.tensor([[2.0, 12.0]]))[0].item() == expected  # ratios 2.0 vs 1.2
     assert not WiseConfig.from_stored({"layer": 22}).margin_pick
+
+
+def test_memoir_index_routing_equals_the_dense_overlap_rule():
+    """`best_keys` (FAISS, hamming) picks what the dense overlap matrix picks: the highest overlap,
+    the newest key on ties, also when more keys tie than the index fetches at first."""
+    memory = memoir(k=16, tau=0.3)
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(6, I, generator=generator)
+    for step in range(40):  # many re-edits of the same few prompts: long runs of identical keys
+        memory.add_edit(memory.key(base[step % 3][None] if step % 4 else torch.randn(2, I, generator=generator)))
+    queries = memory.key(torch.cat([base, torch.randn(20, I, generator=generator)]))
+    dense = memory.overlaps(queries)
+    best_score, best_from_end = dense.flip(-1).max(dim=-1)
+    expected = dense.shape[-1] - 1 - best_from_end
+    keys, scores = memory.best_keys(queries)
+    assert torch.equal(keys, expected) and torch.allclose(scores, best_score)
+    routes, _ = memory.route(torch.cat([base[:3], base[:3]]))
+    assert routes.tolist() == [memory.key_owner[keys[i]].item() for i in range(3)] * 2
+
+
+def test_memoir_bf16_delta_uses_a_fresh_copy_of_the_residual():
+    memory = memoir(k=16)
+    a = torch.randn(3, I)
+    memory.add_edit(memory.key(a[:1]))
+    memory.residual = torch.randn(H, I)
+    routes = torch.tensor([0, 0, NO_ROUTE])
+    first = memory.delta(a.bfloat16(), routes)
+    assert first.dtype == torch.bfloat16 and torch.allclose(first.float(), memory.delta(a, routes), rtol=0.05, atol=0.05)
+    memory.residual[:, :] *= 2  # an in-place write (as `finish` does) must not serve the stale copy
+    assert torch.allclose(memory.delta(a.bfloat16(), routes).float(), 2 * first.float(), rtol=0.02, atol=0.02)

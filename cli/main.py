@@ -290,7 +290,7 @@ def bench_throughput(
     requests: int = typer.Option(64, min=1, help="Requests per round (half ask edited facts)."),
     max_tokens: int = typer.Option(32, min=1, help="Output tokens per request (EOS ignored)."),
     rounds: int = typer.Option(6, min=1, help="Timed rounds per engine and point, in adjacent unedited/edited pairs."),
-    concurrency: int = typer.Option(16, min=1, help="Concurrent HTTP clients."),
+    concurrency: int = typer.Option(64, min=1, help="Concurrent HTTP clients (default: every request of a round in flight, as offline)."),
     hf_requests: int = typer.Option(4, min=0, help="Requests of the transformers batch-1 baseline per point (0: skip)."),
     dtype: str = typer.Option("float32"),
     workdir: Optional[Path] = typer.Option(None, help="Keep the synthetic stores and server logs here (default: a removed temp dir)."),

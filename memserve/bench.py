@@ -391,7 +391,7 @@ def machine() -> dict:
 
 def run_throughput(
     base: Path, edits: list[int], workdir: Path, modes: tuple[str, ...] = ("offline", "http"), requests: int = 64,
-    max_tokens: int = 32, rounds: int = 6, concurrency: int = 16, hf_requests: int = 4, dtype: str = "float32",
+    max_tokens: int = 32, rounds: int = 6, concurrency: int = 64, hf_requests: int = 4, dtype: str = "float32",
     log=print,
 ) -> list[dict]:
     """One row per edit count (see module doc); `workdir` receives the synthetic stores and server logs."""

@@ -237,3 +237,18 @@ def test_server_argv_defaults_and_overrides(tmp_path):
     assert argv[argv.index("--served-model-name") + 1] == "SmolLM2-135M-Instruct"
     argv = build_argv(None, "0.0.0.0", 9000, ["--dtype", "bfloat16", "--max-model-len", "512", "--api-key", "k"])
     assert "--enforce-eager" not in argv and argv.count("--dtype") == 1 and argv.count("--max-model-len") == 1
+
+
+def test_server_gives_the_model_worker_every_core_of_a_small_machine(monkeypatch):
+    from memserve.serving import server
+
+    assert server.worker_cpu_environment(2) == {server.RESERVED_CPU_ENV: "0"}
+    assert server.worker_cpu_environment(64) == {}  # big machines: vLLM keeps a core for the scheduler
+    monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: {0, 1})
+    for user_value, served in (("1", "1"), (None, "0")):  # the user's choice wins
+        environ = {k: v for k, v in server.os.environ.items() if k != server.RESERVED_CPU_ENV}
+        if user_value is not None:
+            environ[server.RESERVED_CPU_ENV] = user_value
+        monkeypatch.setattr(server.os, "environ", environ)  # this test's copy: the others' is untouched
+        server._prepare_environment()
+        assert environ[server.RESERVED_CPU_ENV] == served

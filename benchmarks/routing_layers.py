@@ -2,9 +2,10 @@
 against unrelated prompts, at every layer of the model (no editing: the masks of the edit prompts
 are all a stream would store). This is how MEMOIR's default layer and tau were chosen.
 
-Per layer: the share of rephrases whose best-overlapping edit is their own (top1), and the share that
+Per layer: the share of rephrases whose best-overlapping edit is their own (top1), the share that
 reach their own edit above every unrelated prompt's best overlap (hit at zero false routes, the tau
-that would separate them). Writes JSON and a PNG.
+that would separate them), and the share of the dataset's questions that another fact's edit would
+capture at the default tau if they were not edited themselves (same-source locality). Writes JSON and a PNG.
 
     .venv/bin/python benchmarks/routing_layers.py --json benchmarks/results/routing_layers.json \
         --plot benchmarks/results/routing_layers.png
@@ -54,11 +55,17 @@ def layer_scores(memory: MemoirMemory, background: torch.Tensor, edits, rephrase
     own = reph.diagonal()
     top1 = reph.argmax(1) == torch.arange(len(own))
     threshold = memory.overlaps(memory.key(unrelated)).max().item()
+    # Each fact's own question against the OTHER facts' keys: would it be hijacked by another edit
+    # of the same source if it had not been edited itself? (Same-template questions, e.g. "What
+    # university did X attend?", share most of their prompt mean.)
+    others = memory.overlaps(memory.key(edits)).fill_diagonal_(0).max(1).values
     return {
         "top1": top1.float().mean().item(),
         "hit_at_zero_false_routes": ((own > threshold) & top1).float().mean().item(),
         "max_unrelated_overlap": threshold,
         "rephrase_overlap_median": own.median().item(),
+        "unedited_question_routed": (others >= memory.config.tau).float().mean().item(),
+        "unedited_question_overlap_median": others.median().item(),
     }
 
 
@@ -101,6 +108,8 @@ def main() -> None:
         ax.plot(x, [r["top1"] for r in rows], "o-", label="rephrase's best overlap is its own edit")
         ax.plot(x, [r["hit_at_zero_false_routes"] for r in rows], "s-", label="...and above every unrelated prompt")
         ax.plot(x, [r["max_unrelated_overlap"] for r in rows], ":", color="grey", label="max unrelated overlap (tau floor)")
+        ax.plot(x, [r["unedited_question_routed"] for r in rows], "^--", color="tab:red",
+                label=f"unedited question -> another edit (tau {MemoirConfig.tau})")
         ax.set_xlabel("layer")
         ax.set_ylabel(f"share of {len(facts)} {args.dataset} rephrases")
         ax.set_title(f"MEMOIR TopHash routing by layer (top_k {args.top_k}, SmolLM2-135M)")

@@ -122,6 +122,7 @@ class MemoryRuntime:
         self.inexact = 0
         self._delta_key: tuple | None = None  # `_add_delta`'s inputs of the last step, and what they were for
         self._delta_inputs: tuple | None = None
+        self._delta_pinned: tuple | None = None
 
     def swap(self, memory: EditMemory, version: int | None = None) -> None:
         """Serve `memory` to requests first seen from now on; live requests keep theirs (module doc)."""
@@ -294,6 +295,7 @@ class MemoryRuntime:
         key = (id(memory), tuple(firsts), tuple(ends), tuple(routes), tuple(map(id, means)))
         if key != self._delta_key:  # else: the same spans as last step (steady decoding): reuse
             self._delta_key, self._delta_inputs = key, delta_inputs(firsts, ends, routes, means)
+            self._delta_pinned = (memory, means)  # alive while cached: their ids cannot be reused
         rows, token_routes, context = self._delta_inputs
         return out.index_add(0, rows, memory.delta(a[rows], token_routes, context).to(out.dtype))
 

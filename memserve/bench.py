@@ -323,13 +323,10 @@ def compare(unedited, edited, mix: Mix, max_tokens: int, rounds: int) -> dict:
     for engine in {id(unedited): unedited, id(edited): edited}.values():
         engine.run(mix.prompts, 4)  # the whole mix: kernels meet the round's batch shapes before timing
     base_rounds, edit_rounds = [], []
+    sides = [(unedited, base_rounds), (edited, edit_rounds)]
     for i in range(rounds):
-        if i % 2:
-            edit_rounds.append(_timed(edited, mix.prompts, max_tokens))
-            base_rounds.append(_timed(unedited, mix.prompts, max_tokens))
-        else:
-            base_rounds.append(_timed(unedited, mix.prompts, max_tokens))
-            edit_rounds.append(_timed(edited, mix.prompts, max_tokens))
+        for engine, results in sides[::-1] if i % 2 else sides:
+            results.append(_timed(engine, mix.prompts, max_tokens))
     base, edit = _side(base_rounds), _side(edit_rounds)
     pair_ratios = [e.tok_s / b.tok_s for b, e in zip(base_rounds, edit_rounds)]
     out = {**edit, "ratio": float(np.median(pair_ratios)), "pair_ratios": [round(r, 4) for r in pair_ratios],

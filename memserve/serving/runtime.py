@@ -120,9 +120,8 @@ class MemoryRuntime:
         # the route was known got the base output; exact only if each prompt is prefilled in one chunk
         # (serve with chunked prefill off). Counted here and warned about once.
         self.inexact = 0
-        self._delta_key: tuple | None = None  # `_add_delta`'s inputs of the last step, and what they were for
-        self._delta_inputs: tuple | None = None
-        self._delta_pinned: tuple | None = None
+        # `_add_delta`'s last (key, objects whose ids the key holds, kept alive so ids stay unique, inputs)
+        self._delta_cache: tuple = (None, None, None)
 
     def swap(self, memory: EditMemory, version: int | None = None) -> None:
         """Serve `memory` to requests first seen from now on; live requests keep theirs (module doc)."""
@@ -293,10 +292,9 @@ class MemoryRuntime:
         if not firsts:
             return out
         key = (id(memory), tuple(firsts), tuple(ends), tuple(routes), tuple(map(id, means)))
-        if key != self._delta_key:  # else: the same spans as last step (steady decoding): reuse
-            self._delta_key, self._delta_inputs = key, delta_inputs(firsts, ends, routes, means)
-            self._delta_pinned = (memory, means)  # alive while cached: their ids cannot be reused
-        rows, token_routes, context = self._delta_inputs
+        if key != self._delta_cache[0]:  # else: the same spans as last step (steady decoding): reuse
+            self._delta_cache = (key, (memory, means), delta_inputs(firsts, ends, routes, means))
+        rows, token_routes, context = self._delta_cache[2]
         return out.index_add(0, rows, memory.delta(a[rows], token_routes, context).to(out.dtype))
 
 

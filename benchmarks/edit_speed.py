@@ -20,7 +20,7 @@ import torch
 from memserve.editor import open_session
 from memserve.facts import read_facts
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # shipped with the repository (data/README.md)
 
 
 def time_edits(method: str, facts, naive: bool) -> dict:

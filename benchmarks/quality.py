@@ -23,7 +23,7 @@ from memserve.editor import open_session
 from memserve.evaluate import HFBackend, evaluate, evaluate_store
 from memserve.facts import read_facts
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # shipped with the repository (data/README.md)
 
 
 def run(dataset: str, method: str, counts: list[int | None], config: dict, generation: bool, vllm: bool) -> list[dict]:

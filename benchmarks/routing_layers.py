@@ -24,7 +24,7 @@ from memserve.facts import read_facts
 from memserve.methods import MemoirConfig, MemoirMemory
 from memserve.models import down_proj, load_model
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # shipped with the repository (data/README.md)
 
 
 @torch.no_grad()

@@ -55,7 +55,7 @@ def _parse_settings(settings: list[str]) -> dict:
 
 @app.command()
 def edit(
-    facts_file: Path = typer.Argument(..., help="Facts, one JSON object per line."),
+    facts_file: Path = typer.Argument(..., help="Facts: JSON Lines or a JSON array of objects; - reads standard input."),
     store: Path = STORE_OPTION,
     method: Optional[str] = typer.Option(None, help="memoir or wise (default memoir for a new store)."),
     model: Optional[Path] = typer.Option(None, help="Local HF Llama-family model directory (default: embedded SmolLM2-135M-Instruct)."),

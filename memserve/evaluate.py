@@ -33,7 +33,7 @@ from .training import chat_prompt_and_answer, prompt_and_answer
 class Scored:
     predicted: list[int]  # argmax at positions plen-1 .. len-2 (they predict tokens plen .. len-1)
     logprobs: list[float]  # log-probability of each actual answer token
-    route: int
+    route: int | None  # None: the backend could not tell (counted as a miss, and under "unknown_routes")
 
 
 class Backend(Protocol):
@@ -130,13 +130,13 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
         if kind == "loc":
             reference = base_of[j].predicted
             value = sum(p == r for p, r in zip(scored.predicted, reference)) / len(reference)
-            hits["loc"].append(scored.route < 0)
+            hits["loc"].append(scored.route is not None and scored.route < 0)
         else:
             value = sum(p == t for p, t in zip(scored.predicted, answer)) / len(answer)
             if edited.memory.routes_are_edits:
                 hits[kind].append(edit_ids[i] is not None and scored.route == edit_ids[i])
             else:  # WISE routes to a memory holding many edits: being routed at all is the hit
-                hits[kind].append(edit_ids[i] is not None and scored.route >= 0)
+                hits[kind].append(edit_ids[i] is not None and scored.route is not None and scored.route >= 0)
             if kind == "rel" and scored.logprobs:
                 nll.append(-sum(scored.logprobs) / len(scored.logprobs))
         per_fact[kind][i].append(value)
@@ -151,6 +151,7 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
             "edit_prompt_to_own_edit": _mean(hits["rel"]),
             "rephrase_to_own_edit": _mean(hits["gen"]),
             "locality_to_no_edit": _mean(hits["loc"]),
+            "unknown_routes": sum(scored.route is None for scored in edited_scores),
         },
     }
     if generation:

@@ -1,4 +1,4 @@
-"""Facts files (JSON Lines): the canonical schema plus ZsRE and WISE/EasyEdit field names.
+"""Facts files (JSON Lines or a JSON array): the canonical schema plus ZsRE and WISE/EasyEdit field names.
 
 Canonical: {"prompt": str, "target": str, "rephrases": [str], "locality": [{"prompt": str, "answer": str}]}
 ZsRE:      src -> prompt, alt -> target, rephrase -> rephrases, loc/loc_ans -> locality
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,31 +130,85 @@ def parse_row(row, where: str, line: int = 0, source: str = "") -> Fact:
 
 def read_facts(path: str | Path, skip_invalid: bool = False) -> tuple[list[Fact], list[str]]:
     """All facts of a file, or a FactsError at the first bad row (with `skip_invalid`: the bad rows'
-    messages are returned instead). Blank lines are ignored."""
+    messages are returned instead). The file is JSON Lines (blank lines ignored) or one JSON array of
+    row objects (as EasyEdit, WISE and CounterFact ship their data); `-` reads standard input."""
     path = Path(path)
+    name = "<stdin>" if str(path) == "-" else str(path)
     try:
-        raw = path.read_bytes()
+        raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
     except OSError as exc:
-        raise FactsError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise FactsError(f"{name}: cannot read: {exc.strerror or exc}") from None
     facts, problems = [], []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}:{number}"
-        if not line.strip():
-            continue
+    for number, where, parse in _rows(raw, name):
         try:
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise FactsError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise FactsError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-            facts.append(parse_row(row, where, number, str(path)))
+            facts.append(parse_row(parse(), where, number, name))
         except FactsError as exc:
             if not skip_invalid:
                 raise
             problems.append(str(exc))
     if not facts and not problems:
-        raise FactsError(f"{path}: no facts in file")
+        raise FactsError(f"{name}: no facts in file")
     return facts, problems
+
+
+def _rows(raw: bytes, name: str):
+    """(line number, where, parse() -> the row's JSON value) for every row of a facts file."""
+    if raw.lstrip().startswith(b"["):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise FactsError(f"{name}:{line}: not valid UTF-8 (byte {exc.start})") from None
+        yield from _array_rows(text, name)
+        return
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if line.strip():
+            where = f"{name}:{number}"
+            yield number, where, lambda line=line, where=where: _loads(line, where)
+
+
+def _loads(line: bytes, where: str):
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FactsError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FactsError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+
+
+def _array_rows(text: str, name: str):
+    """Rows of a JSON array, each named by the line it starts on and its position in the array."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    item = 0
+
+    def fail(message: str, at: int):
+        line = text.count("\n", 0, at) + 1
+        raise FactsError(f"{name}:{line}: malformed JSON array: {message}")
+
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos < len(text) and text[pos] == "]" and item == 0:
+            pos += 1
+            break
+        item += 1
+        line = text.count("\n", 0, pos) + 1
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise FactsError(f"{name}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+        yield line, f"{name}:{line} (item {item})", lambda value=value: value
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+            continue
+        if pos < len(text) and text[pos] == "]":
+            pos += 1
+            break
+        fail("expected ',' or ']' after item %d" % item, pos)
+    if text[pos:].strip():
+        fail("text after the closing ']'", pos)

@@ -46,3 +46,33 @@ def test_non_utf8_and_empty_file(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(FactsError, match="no facts"):
         read_facts(tmp_path / "e.jsonl")
+
+
+def test_json_array_files_and_stdin(tmp_path, monkeypatch):
+    """EasyEdit/WISE/CounterFact ship JSON arrays: read unchanged, bad items named by line and item."""
+    import io
+    import json
+
+    rows = [{"prompt": "P1", "target_new": "T1"}, {"src": "P2", "alt": "T2", "rephrase": "R2"}]
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps(rows, indent=2))
+    facts, problems = read_facts(path)
+    assert [(f.prompt, f.target) for f in facts] == [("P1", "T1"), ("P2", "T2")] and problems == []
+    assert facts[1].line == 6 and facts[1].where.endswith("f.json:6")
+    path.write_text(json.dumps(rows + [{"prompt": "P3", "target_new": ""}], indent=2))
+    with pytest.raises(FactsError, match=r"f.json:11 \(item 3\): field 'target_new' is empty"):
+        read_facts(path)
+    assert len(read_facts(path, skip_invalid=True)[0]) == 2
+    path.write_text('[{"prompt": "P", "target": "T"},\n {"prompt": "Q", "target": }]')
+    with pytest.raises(FactsError, match="f.json:2: malformed JSON"):
+        read_facts(path)
+    path.write_text('[{"prompt": "P", "target": "T"} {"prompt": "Q", "target": "U"}]')
+    with pytest.raises(FactsError, match="f.json:1: malformed JSON array: expected ',' or ']' after item 1"):
+        read_facts(path)
+    path.write_text("[]")
+    with pytest.raises(FactsError, match="no facts"):
+        read_facts(path)
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b'{"prompt": "P", "target": "T"}\n{"prompt": 1}\n')))
+    with pytest.raises(FactsError, match="<stdin>:2: field 'prompt' must be a string"):
+        read_facts("-")

@@ -76,6 +76,7 @@ def model_name(client):
 
 def test_models_and_health(client, model_name):
     assert model_name == "SmolLM2-135M-Instruct"
+    assert client.models.list().data[0].model_extra["max_model_len"] == 8192  # the model's own length
 
 
 def test_completion_edited_and_reported(client, model_name, references):
@@ -132,3 +133,87 @@ def test_chat_unrelated_question_answers_like_the_base_model(client, model_name,
     resp = chat(client, model_name, UNRELATED_CHAT)
     assert resp.model_extra["memserve"][0]["edit"] == "none"
     assert resp.choices[0].message.content == references[3]
+
+
+HOSTILE = ["3", 2.5, -7, 10**30, [1], True, None]
+
+
+@pytest.mark.parametrize("option", ["memserve_route", "memserve_prompt_len"])
+def test_hostile_options_are_refused_with_400_and_the_server_keeps_serving(client, model_name, references, option):
+    """Every hostile value of both options, on both endpoints, through the official client: HTTP 400
+    naming the field. The same values once used to reach `int()` or an out-of-range route inside the
+    engine's forward, which stops the engine for every client."""
+    import openai
+
+    fact, reference, chat_reference, _ = references
+    values = HOSTILE + ([999, 10**6] if option == "memserve_route" else [0, 2**40])
+    for value in values:
+        with pytest.raises(openai.BadRequestError, match=f"vllm_xargs.{option}"):
+            client.completions.create(model=model_name, prompt=fact.prompt, max_tokens=2,
+                                      extra_body={"vllm_xargs": {option: value}})
+        with pytest.raises(openai.BadRequestError, match=f"vllm_xargs.{option}"):
+            client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                           extra_body={"vllm_xargs": {option: value}})
+    for extra in ({"memserve_rout": 1}, {"memserve_report": "mine"}):  # unknown / server-only option
+        with pytest.raises(openai.BadRequestError, match="is not a memserve option"):
+            client.completions.create(model=model_name, prompt=fact.prompt, max_tokens=2, extra_body={"vllm_xargs": extra})
+    # valid forced routes still work: the base model, and the edit the fact routes to
+    base = client.completions.create(model=model_name, prompt=fact.prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                     extra_body={"vllm_xargs": {"memserve_route": -1}})
+    assert base.model_extra["memserve"][0]["edit"] == "none"
+    resp = client.completions.create(model=model_name, prompt=fact.prompt, max_tokens=MAX_TOKENS, temperature=0)
+    assert resp.choices[0].text == reference
+    assert chat(client, model_name, fact.prompt).choices[0].message.content == chat_reference
+
+
+def test_hostile_options_on_other_endpoints_are_refused(server, model_name):
+    """Every POST body carrying `vllm_xargs` is checked, whatever the endpoint (responses, messages...)."""
+    for path in ("/v1/responses", "/v1/messages", "/v1/completions"):
+        code, body = server.request("POST", path, body={"model": model_name, "input": "hi", "prompt": "hi",
+                                                         "vllm_xargs": {"memserve_route": "x"}})
+        assert code == 400 and "vllm_xargs.memserve_route" in body["error"]["message"], (path, code, body)
+
+
+def test_route_report_for_several_prompts_and_samples(client, model_name, references, server):
+    """n > 1 and several prompts: choice i * n + k is prompt i's sample k, each with its own route."""
+    fact = references[0]
+    resp = client.completions.create(model=model_name, prompt=[fact.prompt, UNRELATED_CHAT], n=2, max_tokens=4,
+                                     temperature=0)
+    report = sorted(resp.model_extra["memserve"], key=lambda r: r["index"])
+    assert [r["index"] for r in report] == [0, 1, 2, 3]
+    assert [r["edit"].startswith("edit-") for r in report] == [True, True, False, False], report
+    assert report[2]["edit"] == report[3]["edit"] == "none"
+    chat_resp = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": fact.prompt}],
+                                               n=2, max_tokens=4, temperature=0)
+    assert [r["edit"] for r in chat_resp.model_extra["memserve"]] == [report[0]["edit"]] * 2
+    # a stream's report: by the x-memserve-request tag (or the response id)
+    raw = client.completions.with_raw_response.create(model=model_name, prompt=[UNRELATED_CHAT, fact.prompt], n=2,
+                                                      max_tokens=4, temperature=0, stream=True)
+    tag = raw.headers["x-memserve-request"]
+    chunks = list(raw.parse())
+    for key in (tag, chunks[0].id):
+        streamed = server.request("GET", f"/v1/memserve/routes/{key}")[1]["memserve"]
+        assert [r["edit"] for r in streamed] == ["none", "none", report[0]["edit"], report[0]["edit"]], (key, streamed)
+
+
+def test_unknown_routes_are_reported_as_unknown_and_reused_ids_never_leak(client, model_name, references, server):
+    """Two clients sending the same request id at once each get their own route; the ambiguous id
+    answers "unknown" (never the other client's route), as does an id nobody sent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fact = references[0]
+    unknown = server.request("GET", "/v1/memserve/routes/cmpl-nobody-sent-this")[1]["memserve"]
+    assert unknown == [{"index": 0, "edit": "unknown", "route": None, "score": None, "version": None}]
+
+    def ask(prompt):
+        return client.completions.create(model=model_name, prompt=prompt, max_tokens=8, temperature=0,
+                                         extra_headers={"X-Request-Id": "shared-id"})
+
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            edited, plain = pool.map(ask, [fact.prompt, UNRELATED_CHAT])
+        assert edited.model_extra["memserve"][0]["edit"].startswith("edit-")
+        assert plain.model_extra["memserve"][0]["edit"] == "none"
+    assert edited.id == plain.id == "cmpl-shared-id"
+    ambiguous = server.request("GET", "/v1/memserve/routes/cmpl-shared-id")[1]["memserve"]
+    assert [r["edit"] for r in ambiguous] == ["unknown"]

@@ -92,7 +92,9 @@ def test_watcher_follows_the_store_and_refuses_other_weights(tiny_store, tiny_mo
     watcher.poll()  # interval not reached: nothing read
     assert runtime.version == first
     watcher.next_poll = 0
-    watcher.poll()
+    watcher.poll()  # sees the new version, rebuilds it off the step thread
+    watcher.wait()
+    watcher.poll()  # the next step serves it
     assert runtime.version == first + 1 and runtime.memory.num_edits == 2 and watcher.reloads == 1
 
     with Store.open(path) as store:
@@ -106,6 +108,87 @@ def test_watcher_follows_the_store_and_refuses_other_weights(tiny_store, tiny_mo
 
     os.rename(path, path.with_name("moved"))
     assert "no store" in watcher.check()["error"] and runtime.version == first + 1
+
+
+def watched(path, weight, interval=3600):
+    from memserve.editor import load_memory
+    from memserve.models import weight_hash
+    from memserve.serving.reload import StoreWatcher
+    from memserve.store import Store
+
+    with Store.open(path) as store:
+        runtime = MemoryRuntime(load_memory(store, weight), version=store.version)
+        return StoreWatcher(path, weight, weight_hash(weight), store.manifest["layer"], runtime,
+                            identity=store.identity(), interval=interval)
+
+
+def test_watcher_tells_stores_apart_at_the_same_version(tiny_store, tiny_model_dir, tmp_path):
+    """A symlink repointed to another compatible store at the same version number is a reload."""
+    from memserve.editor import open_session
+    from memserve.facts import Fact
+
+    path, weight = tiny_store
+    other = tmp_path / "other"
+    runner = open_session(other, tiny_model_dir, method="memoir", config=tiny_config(steps=5))
+    runner.apply([Fact(FACTS[1]["prompt"], FACTS[1]["target"])])
+    runner.store.close()
+    link = tmp_path / "served"
+    link.symlink_to(path)
+    watcher = watched(link, weight)
+    before = watcher.runtime.memory.route_keys.clone()
+    link.unlink()
+    link.symlink_to(other)
+    status = watcher.check()
+    assert status["loading"] is not None and status["version"] == 1  # same version number, other content
+    watcher.wait()
+    watcher.install()
+    assert watcher.reloads == 1 and not torch.equal(watcher.runtime.memory.route_keys, before)
+    assert watcher.check()["loading"] is None and watcher.reloads == 1  # now served: nothing to do
+
+
+def test_watcher_rebuilds_off_the_step_thread_and_survives_errors(tiny_store, tiny_model_dir, monkeypatch):
+    import threading
+
+    import lmdb
+
+    import memserve.editor
+    from memserve.editor import open_session
+    from memserve.facts import Fact
+    from memserve.store import Store
+
+    path, weight = tiny_store
+    watcher = watched(path, weight)
+    runtime, served = watcher.runtime, watcher.runtime.memory
+    runner = open_session(path, tiny_model_dir)
+    runner.apply([Fact(FACTS[1]["prompt"], FACTS[1]["target"])])
+    runner.store.close()
+
+    # A slow rebuild: poll (the step thread) returns while it runs; requests keep the old memory.
+    release, real_load = threading.Event(), memserve.editor.load_memory
+    monkeypatch.setattr(memserve.editor, "load_memory", lambda *a: (release.wait(60), real_load(*a))[1])
+    status = watcher.check()
+    assert status["loading"] == 2 and runtime.memory is served
+    watcher.poll()
+    assert runtime.memory is served and watcher.status()["loading"] == 2
+    release.set()
+    watcher.wait()
+    watcher.poll()
+    assert runtime.memory is not served and runtime.version == 2 and watcher.status()["loading"] is None
+
+    # Errors while polling or rebuilding are reported; the served memory stays.
+    served = runtime.memory
+    monkeypatch.setattr(Store, "identity", lambda self: (_ for _ in ()).throw(lmdb.Error("disk on fire")))
+    status = watcher.check(force=True)
+    assert "disk on fire" in status["error"] and runtime.memory is served
+    monkeypatch.undo()
+    runner = open_session(path, tiny_model_dir)
+    runner.apply([Fact(FACTS[2]["prompt"], FACTS[2]["target"])])
+    runner.store.close()
+    monkeypatch.setattr(memserve.editor, "load_memory", lambda *a: (_ for _ in ()).throw(RuntimeError("bad tensor")))
+    watcher.check()
+    watcher.wait()
+    watcher.poll()
+    assert "bad tensor" in watcher.status()["error"] and runtime.memory is served and runtime.version == 2
 
 
 def test_api_key_rule(monkeypatch):

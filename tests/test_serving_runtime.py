@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from memserve.methods import NO_ROUTE, MemoirConfig, MemoirMemory, WiseConfig, WiseMemory, mean_prompt_stats
+from memserve.serving.options import RequestOptions
 from memserve.serving.runtime import BatchPlan, MemoryRuntime, external_id
 
 H, I = 8, 64
@@ -153,22 +154,66 @@ def test_gap_in_prompt_serves_base_and_free_prune():
     assert external_id("cmpl-7-0a1b2c3d") == "cmpl-7" and external_id("r1") == "r1"
 
 
-def test_forced_route():
+def forced(*routes):
+    return [RequestOptions.parse({} if r is None else {"memserve_route": r}, slots=100) for r in routes]
+
+
+def test_forced_route_uses_its_own_prompt_context():
     memory, prompts = make_memoir()
     runtime = MemoryRuntime(memory)
     a = torch.cat([prompts[0], prompts[0]])
-    plan = BatchPlan(["base", "edit2"], np.array([0, 5, 10]), np.array([0, 0]), np.array([5, 5]), np.array([-1, 2]))
+    plan = BatchPlan(["base", "edit2"], np.array([0, 5, 10]), np.array([0, 0]), np.array([5, 5]), forced(-1, 2))
     runtime.begin_step(plan)
     out = runtime.apply(torch.zeros(10, H), a)
     assert out[:5].abs().max() == 0  # routed to edit 0 by its prompt, but forced to the base model
     token_routes = torch.full((5,), NO_ROUTE)
     token_routes[4] = 2
-    torch.testing.assert_close(out[5:], memory.delta(prompts[0], token_routes))
+    context = prompts[0].mean(0, keepdim=True).expand(5, -1)  # its own prompt mean, as if routed
+    torch.testing.assert_close(out[5:], memory.delta(prompts[0], token_routes, context))
     assert runtime.route_info("base").route == -1 and runtime.route_info("edit2").route == 2
-    bad = BatchPlan(["x"], np.array([0, 5]), np.array([0]), np.array([5]), np.array([7]))
-    runtime.begin_step(bad)
-    with pytest.raises(ValueError):
-        runtime.apply(torch.zeros(5, H), prompts[0])
+
+
+def test_forced_and_natural_routes_in_one_batch_get_what_they_get_alone():
+    """A forced route never changes a naturally routed neighbour's memory input (its context)."""
+    memory, prompts = make_memoir()
+    seqs = {"natural": prompts[1], "forced": prompts[2], "plain": prompts[0]}
+    plens = {rid: seq.shape[0] for rid, seq in seqs.items()}
+    options = {"natural": None, "forced": 0, "plain": None}
+
+    def serve(rids):
+        runtime = MemoryRuntime(memory)
+        starts = np.cumsum([0] + [plens[r] for r in rids])
+        runtime.begin_step(BatchPlan(rids, starts, np.zeros(len(rids), np.int64), np.array([plens[r] for r in rids]),
+                                     forced(*(options[r] for r in rids))))
+        out = runtime.apply(torch.zeros(int(starts[-1]), H), torch.cat([seqs[r] for r in rids]))
+        return {r: out[starts[k] : starts[k + 1]] for k, r in enumerate(rids)}, runtime
+
+    together, runtime = serve(list(seqs))
+    assert runtime.route_info("natural").route == 1 and runtime.route_info("forced").route == 0
+    for rid in seqs:
+        alone, _ = serve([rid])
+        torch.testing.assert_close(together[rid], alone[rid])  # up to batched float rounding
+    assert together["natural"].abs().max() > 0
+
+
+@pytest.mark.parametrize("value", ["3", 2.0, 1.5, -2, 10**30, [1], True, None, {"a": 1}, 7])
+def test_hostile_route_options_are_refused_in_the_engine_never_raised(value):
+    """Whatever a request carries, the engine serves it (without edits when its options are invalid)."""
+    memory, prompts = make_memoir()
+    runtime = MemoryRuntime(memory)
+    extras = [{"memserve_route": value}, {"memserve_prompt_len": value}, {"memserve_rout": 1}, "not a dict"]
+    options = [RequestOptions.parse(extra, runtime.memory_slots()) for extra in extras]
+    assert all(o.problem for o in options[2:])
+    n = len(extras)
+    plan = BatchPlan([f"r{k}" for k in range(n)], np.arange(n + 1) * 5, np.zeros(n, np.int64), np.full(n, 5), options)
+    runtime.begin_step(plan)
+    out = runtime.apply(torch.zeros(5 * n, H), prompts[0].repeat(n, 1))
+    for k, option in enumerate(options):
+        if option.problem:
+            assert runtime.route_info(f"r{k}").route == NO_ROUTE and out[5 * k : 5 * k + 5].abs().max() == 0
+    assert runtime.refused_options == sum(1 for o in options if o.problem)
+    assert options[0].problem  # 3 edits: no value of this list is a valid forced route...
+    assert not RequestOptions.parse({"memserve_route": 2}, 3).problem  # ...but a slot is
 
 
 def test_act_on_all_whole_prompt_chunk():
@@ -235,6 +280,7 @@ def test_server_argv_defaults_and_overrides(tmp_path):
     overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
     assert overrides["architectures"] == ["MemserveLlamaForCausalLM"]
     assert argv[argv.index("--served-model-name") + 1] == "SmolLM2-135M-Instruct"
+    assert "--max-model-len" not in argv  # the model's own context length (8192 for the default model)
     argv = build_argv(None, "0.0.0.0", 9000, ["--dtype", "bfloat16", "--max-model-len", "512", "--api-key", "k"])
     assert "--enforce-eager" not in argv and argv.count("--dtype") == 1 and argv.count("--max-model-len") == 1
 

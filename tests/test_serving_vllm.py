@@ -175,3 +175,42 @@ def test_eval_through_vllm_matches_hf_backend(engine, store, prompts):
         want, got = (hf, served) if section is None else (hf[section], served[section])
         for metric in ("rel", "gen", "loc", "gen_acc"):
             assert abs(want[metric] - got[metric]) <= 0.01, (section, metric, want[metric], got[metric])
+
+
+def test_forced_routes_never_change_their_neighbours(engine, reference, prompts):
+    """Requests forcing a route (`memserve_route`) in the same batch as naturally routed ones: every
+    request gets exactly what it gets alone (a forced route used to drop the prompt-context term for
+    its whole batch)."""
+    from vllm import SamplingParams
+
+    facts, _ = prompts
+    natural = reference["ids"][:6]
+    forced = reference["ids"][len(facts): len(facts) + 6]  # rephrases, each forced to an edit slot
+    slots = [k % 3 for k in range(len(forced))]
+
+    def run(items):
+        params = [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, extra_args=extra) for _, extra in items]
+        outs = engine.llm.generate([{"prompt_token_ids": list(ids)} for ids, _ in items], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    items = [(ids, None) for ids in natural] + [(ids, {"memserve_route": s}) for ids, s in zip(forced, slots)]
+    together = run(items)
+    alone = [run([item])[0] for item in items]
+    assert together == alone
+    eos = engine.llm.get_tokenizer().eos_token_id
+    assert [t[: t.index(eos)] if eos in t else t for t in together[:6]] == reference["gen"][:6]
+
+
+@pytest.mark.parametrize("extra", [{"memserve_route": 999}, {"memserve_route": "1"}, {"memserve_route": [1]},
+                                   {"memserve_prompt_len": -5}, {"memserve_prompt_len": 2.5}, {"memserve_bogus": 1}])
+def test_invalid_options_reaching_the_engine_are_served_unrouted(engine, reference, extra):
+    """Offline callers bypass the HTTP checks: the engine refuses the options, logs them, serves the
+    request without edits, and keeps serving everyone else."""
+    from vllm import SamplingParams
+
+    ids = reference["ids"][0]
+    out = engine.llm.generate([{"prompt_token_ids": list(ids)}], SamplingParams(temperature=0.0, max_tokens=4, extra_args=extra),
+                              use_tqdm=False)
+    assert engine.routes([out[0].request_id]) == [-1]
+    after, routes = engine.generate([ids], MAX_NEW)
+    assert after[0] == reference["gen"][0] and routes == reference["gen_routes"][:1]

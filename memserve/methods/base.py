@@ -145,6 +145,10 @@ class EditMemory(nn.Module):
         """Human-readable name of a route, reported by the server and `eval`."""
         raise NotImplementedError
 
+    def neutral_context(self) -> torch.Tensor:
+        """The `context` of a request whose prompt statistics are unknown: one that adds nothing."""
+        return torch.zeros(self.intermediate_size)
+
     # --- training ---------------------------------------------------------------------------
     def start_edit(self, examples: EditExamples) -> EditSession:
         raise NotImplementedError

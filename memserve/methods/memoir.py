@@ -169,7 +169,7 @@ class MemoirMemory(EditMemory):
         x = a.to(self.residual.dtype)
         if self.config.decentre_input:
             x = x - self.background
-        if self.config.prompt_context and context is not None:  # None: a route forced without a prompt
+        if self.config.prompt_context and context is not None:
             x = x + (context.to(x.dtype) - self.background)
         return x
 
@@ -190,6 +190,9 @@ class MemoirMemory(EditMemory):
 
     def route_label(self, route: int) -> str:
         return "none" if route < 0 else f"edit-{route}"
+
+    def neutral_context(self) -> torch.Tensor:
+        return self.background  # `memory_input` adds `context - background`
 
     def start_edit(self, examples: EditExamples) -> EditSession:
         return MemoirSession(self, examples)

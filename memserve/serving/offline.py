@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .plugin import hf_overrides, open_store_manifest, register
-from .runtime import PROMPT_LEN_ARG, ROUTE_ARG
+from .options import PROMPT_LEN_ARG, ROUTE_ARG
 
 DEFAULT_KVCACHE_GIB = "1"
 
@@ -67,7 +67,6 @@ def engine_kwargs(
         dtype=dtype,
         enforce_eager=enforce_eager,
         enable_prefix_caching=not has_edits,
-        max_model_len=2048,
     )
     if store_acts_on_all(store):
         kwargs["enable_chunked_prefill"] = False  # the route must be known before any prompt token runs
@@ -101,8 +100,9 @@ class VllmEditedModel:
         self.last_request_ids: list[str] = []
 
     # --- routes ---------------------------------------------------------------------------------
-    def routes(self, request_ids: list[str]) -> list[int]:
-        """Route taken by each (finished) request: -1 when no edit applied or the store is empty."""
+    def routes(self, request_ids: list[str]) -> list[int | None]:
+        """Route taken by each (finished) request: -1 when no edit applied or no memory is attached,
+        None when unknown (never reported as "no edit")."""
 
         def lookup(model, ids=tuple(request_ids)):
             runtime = getattr(model, "memserve_runtime", None)
@@ -111,7 +111,7 @@ class VllmEditedModel:
             out = []
             for rid in ids:
                 info = runtime.route_info(rid)
-                out.append(-1 if info is None else info.route)
+                out.append(None if info is None else info.route)
             return out
 
         return self.llm.apply_model(lookup)[0]

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .runtime import NOT_FORCED, PROMPT_LEN_ARG, ROUTE_ARG, BatchPlan, MemoryRuntime
+from .options import RequestOptions
+from .runtime import BatchPlan, MemoryRuntime
 
 logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log handler
 
@@ -196,7 +197,8 @@ def _memserve_model_class():
 
             runtime = MemoryRuntime(memory, ChatFormat(AutoTokenizer.from_pretrained(self._memserve_tokenizer)),
                                     version=store.version)
-            self.memserve_watcher = StoreWatcher(store.path, checkpoint_weight, digest, layer, runtime)
+            self.memserve_watcher = StoreWatcher(store.path, checkpoint_weight, digest, layer, runtime,
+                                                 identity=store.identity())
             mlp.down_proj = MemoryDownProjection(mlp.down_proj, runtime)
             self.memserve_runtime = runtime
             mark_compile_cache(self._memserve_vllm_config, layer)
@@ -226,27 +228,27 @@ def _runtime_of(runner) -> MemoryRuntime | None:
 
 
 def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
+    """The runner's current batch as a `BatchPlan`; requests seen for the first time also get their
+    parsed options (invalid ones are refused there, never raised), prompt length and routing span."""
     batch = runner.input_batch
     n = batch.num_reqs
     req_ids = list(batch.req_ids[:n])
     starts = np.array(runner.query_start_loc.np[: n + 1], dtype=np.int64)
     first_pos = positions[torch.from_numpy(starts[:-1])].cpu().numpy() if n else np.zeros(0, np.int64)
     prompt_lens = np.zeros(n, dtype=np.int64)
-    forced = np.full(n, NOT_FORCED, dtype=np.int64)
     spans = np.zeros((n, 2), dtype=np.int64)
+    options: list[RequestOptions | None] = [None] * n
     runtime = _runtime_of(runner)
     for i, rid in enumerate(req_ids):
+        if rid in runtime.states:  # options, length and span are only read when a request is first seen
+            continue
         state = runner.requests[rid]
         params = state.sampling_params
-        extra = (params.extra_args or {}) if params is not None else {}
-        override = extra.get(PROMPT_LEN_ARG)
+        options[i] = RequestOptions.parse(params.extra_args if params is not None else None, runtime.memory_slots())
         n_prompt = state.num_prompt_tokens
-        prompt_lens[i] = n_prompt if override is None else min(max(1, int(override)), n_prompt)
-        if extra.get(ROUTE_ARG) is not None:
-            forced[i] = int(extra[ROUTE_ARG])
-        if rid not in runtime.states:  # the span is only read when a request is first seen
-            spans[i] = runtime.routing_span(state.prompt_token_ids, int(prompt_lens[i]))
-    return BatchPlan(req_ids, starts, first_pos, prompt_lens, forced, spans)
+        prompt_lens[i] = n_prompt if options[i].prompt_len is None else min(options[i].prompt_len, n_prompt)
+        spans[i] = runtime.routing_span(state.prompt_token_ids, int(prompt_lens[i]))
+    return BatchPlan(req_ids, starts, first_pos, prompt_lens, options, spans)
 
 
 def install_runner_hooks() -> None:

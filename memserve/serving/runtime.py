@@ -29,6 +29,7 @@ request (`route_info`).
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Container, Sequence
@@ -39,15 +40,11 @@ import torch
 from memserve.chat import ChatFormat
 from memserve.methods import NO_ROUTE, EditMemory
 
+from .options import RequestOptions
+
 logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log handler
 
-# Extra per-request argument (SamplingParams.extra_args) giving the number of leading prompt tokens
-# that form the routing prompt; the rest of the vLLM prompt is then treated as answer span
-# (teacher forcing: prompt + target submitted as one prompt).
-PROMPT_LEN_ARG = "memserve_prompt_len"
-# Extra per-request argument forcing the route: -1 = serve the base model (no edit), k = use slot k.
-ROUTE_ARG = "memserve_route"
-NOT_FORCED = -2
+MAX_OPTION_WARNINGS = 20  # refused request options logged one by one; later ones are only counted
 
 
 @dataclass
@@ -58,7 +55,8 @@ class BatchPlan:
     starts: np.ndarray  # [R + 1] token offsets (query_start_loc)
     first_pos: np.ndarray  # [R] sequence position of each request's first scheduled token
     prompt_lens: np.ndarray  # [R] routing prompt length of each request
-    forced_routes: np.ndarray | None = None  # [R] route fixed by the caller, NOT_FORCED otherwise
+    # [R] each request's parsed options; read (like `route_spans`) only when a request is first seen.
+    options: Sequence[RequestOptions | None] | None = None
     # [R, 2] each request's routing span [start, end) within its prompt (`ChatFormat.routing_span`);
     # read when a request is first seen; None: the whole prompt.
     route_spans: np.ndarray | None = None
@@ -69,8 +67,9 @@ class RequestRoute:
     stats_sum: torch.Tensor | None = None
     count: int = 0
     next_pos: int = 0
-    route: int | None = None  # None until the last prompt token was processed
+    route: int | None = None  # None until the last prompt token was processed (or forced)
     score: float = 0.0
+    settled: bool = False  # the prompt's statistics are final (route and `mean_stats` will not change)
     complete: bool = True  # False if some prompt positions were never computed (cannot route exactly)
     prompt_len: int = 0
     span_end: int = 0  # routing statistics come from positions [span start, span_end)
@@ -78,6 +77,8 @@ class RequestRoute:
     mean_stats: torch.Tensor | None = None  # the prompt mean routed on: the memory's `context`
     memory: EditMemory | None = None  # the memory current when the request was first seen; serves all of it
     version: int | None = None  # store version of that memory
+    forced: bool = False  # the route came from the request's options, not from its prompt
+    report_tag: str | None = None  # `options.REPORT_TAG_ARG` of the HTTP request it belongs to
 
 
 @dataclass
@@ -101,6 +102,63 @@ def external_id(req_id: str) -> str:
     return head if sep and len(tail) == 8 else req_id
 
 
+CHILD_ID = re.compile(r"(\d+)_(.*)")  # vLLM's id of sample k of a request with n > 1: "{k}_{parent id}"
+
+
+def choice_of(req_id: str) -> tuple[str, int, int]:
+    """(response id, prompt index, sample index) of an OpenAI server request from its engine id:
+    completions run prompt i as "cmpl-{id}-{i}", chat as "chatcmpl-{id}"; sample k of n > 1 is
+    "{k}_" + that, and the engine appends "-" + 8 random characters."""
+    rest, sample = external_id(req_id), 0
+    child = CHILD_ID.fullmatch(rest)
+    if child:
+        sample, rest = int(child.group(1)), child.group(2)
+    if rest.startswith("cmpl-"):
+        head, _, index = rest.rpartition("-")
+        if index.isdigit() and head:
+            return head, int(index), sample
+    return rest, 0, sample
+
+
+class RouteLog:
+    """Routes of finished requests by internal id (unique), with views by the caller's id (clients may
+    reuse ids: ambiguous ids answer nothing rather than another client's route), by response id
+    (`choice_of`) and by the server's report tag (one HTTP request). Bounded, oldest out."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[str, tuple[RouteInfo, str | None]] = OrderedDict()
+        self.views: dict[str, dict[str, set[str]]] = {"external": {}, "response": {}, "tag": {}}
+
+    @staticmethod
+    def _keys(req_id: str, tag: str | None) -> dict[str, str | None]:
+        return {"external": external_id(req_id), "response": choice_of(req_id)[0], "tag": tag}
+
+    def add(self, req_id: str, info: RouteInfo, tag: str | None) -> None:
+        self.entries[req_id] = (info, tag)
+        for view, key in self._keys(req_id, tag).items():
+            if key is not None:
+                self.views[view].setdefault(key, set()).add(req_id)
+        while len(self.entries) > self.capacity:
+            old, (_, old_tag) = self.entries.popitem(last=False)
+            for view, key in self._keys(old, old_tag).items():
+                ids = self.views[view].get(key)
+                if ids is not None:
+                    ids.discard(old)
+                    if not ids:
+                        del self.views[view][key]
+
+    def get(self, req_id: str) -> RouteInfo | None:
+        entry = self.entries.get(req_id)
+        return None if entry is None else entry[0]
+
+    def find(self, view: str, key: str) -> set[str]:
+        return self.views[view].get(key, set())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
 class MemoryRuntime:
     """Routing state of one memory attached to one model instance."""
 
@@ -110,12 +168,12 @@ class MemoryRuntime:
         self.version = version
         self.chat = chat
         self.states: dict[str, RequestRoute] = {}
-        self.recent: OrderedDict[str, RouteInfo] = OrderedDict()
-        self.max_recent = max_recent
+        self.recent = RouteLog(max_recent)
         self.plan: BatchPlan | None = None
         self._warned_gap = False
         self.steps = 0  # forwards that went through `apply` with a plan (for tests / diagnostics)
         self.recomputes = 0  # chunks that re-ran already processed positions (preemption)
+        self.refused_options = 0  # requests served without edits because their options were invalid
         # act_on="all" (memory on every token, as in the papers' code): prompt chunks processed before
         # the route was known got the base output; exact only if each prompt is prefilled in one chunk
         # (serve with chunked prefill off). Counted here and warned about once.
@@ -147,26 +205,31 @@ class MemoryRuntime:
     def free(self, req_id: str) -> None:
         state = self.states.pop(req_id, None)
         if state is not None and state.route is not None:
-            self._remember(req_id, state)
+            self.recent.add(req_id, RouteInfo.of(state), state.report_tag)
 
     def prune(self, live: Container[str]) -> None:
         for req_id in [r for r in self.states if r not in live]:
             self.free(req_id)
 
-    def _remember(self, req_id: str, state: RequestRoute) -> None:
-        info = RouteInfo.of(state)
-        for key in {req_id, external_id(req_id)}:
-            self.recent[key] = info
-            self.recent.move_to_end(key)
-        while len(self.recent) > self.max_recent:
-            self.recent.popitem(last=False)
-
     def route_info(self, req_id: str) -> RouteInfo | None:
-        """Route of a live or recently finished request (internal or caller-supplied id)."""
-        for rid, state in self.states.items():
-            if state.route is not None and (rid == req_id or external_id(rid) == req_id):
-                return RouteInfo.of(state)
-        return self.recent.get(req_id)
+        """Route of a live or recently finished request, by its internal id or the caller's id; None
+        when unknown, not decided yet, or when the caller's id names several requests (clients may
+        reuse ids: a report must never be another request's)."""
+        state = self.states.get(req_id)
+        if state is not None:
+            return RouteInfo.of(state) if state.route is not None else None
+        if req_id in self.recent.entries:
+            return self.recent.get(req_id)
+        matches = [rid for rid in self.states if external_id(rid) == req_id]
+        matches += self.recent.find("external", req_id)
+        return self.route_info(matches[0]) if len(matches) == 1 else None
+
+    def response_routes(self, key: str) -> list[tuple[str, RouteInfo | None]]:
+        """(internal id, route) of every engine request of one HTTP request, found by its report tag
+        or by its response id (which clients may reuse: the caller must treat repeats as ambiguous)."""
+        live = [rid for rid, state in self.states.items() if state.report_tag == key or choice_of(rid)[0] == key]
+        ids = set(live) | self.recent.find("tag", key) | self.recent.find("response", key)
+        return [(rid, self.route_info(rid)) for rid in sorted(ids)]
 
     def memory_slots(self, memory: EditMemory | None = None) -> int:
         """Number of routable slots (MEMOIR: edits; WISE: memories incl. the side memory)."""
@@ -202,18 +265,31 @@ class MemoryRuntime:
         span = (0, plen) if plan.route_spans is None else (int(plan.route_spans[i][0]), int(plan.route_spans[i][1]))
         state = RequestRoute(next_pos=span[0], prompt_len=plen, span_end=min(span[1], plen), memory=self.memory,
                              version=self.version)
-        forced = NOT_FORCED if plan.forced_routes is None else int(plan.forced_routes[i])
-        if forced != NOT_FORCED:
-            if not NO_ROUTE <= forced < self.memory_slots():
-                raise ValueError(f"memserve: forced route {forced} is not a memory slot")
-            state.route, state.score = forced, float("nan")
-        elif not self.memory.num_edits:
+        options = None if plan.options is None else plan.options[i]
+        if options is not None and options.problem is None and options.forced and not NO_ROUTE <= options.route < self.memory_slots():
+            # the slots changed (hot reload) since the options were checked: refuse, never raise
+            options = RequestOptions(route=NO_ROUTE, problem=f"forced route {options.route} is not a memory slot now")
+        if options is not None:
+            state.report_tag = options.report_tag
+            if options.problem is not None:
+                self._refuse_options(plan.req_ids[i], options.problem)
+            if options.forced:
+                state.route, state.score, state.forced = options.route, float("nan"), True
+        if state.route is None and not self.memory.num_edits:
             state.route = NO_ROUTE  # nothing to route to, now or later in this request's life
+        # a forced route still reads its prompt's statistics (the memory's `context`), as a routed one does
+        state.settled = state.route == NO_ROUTE
         return state
+
+    def _refuse_options(self, req_id: str, problem: str) -> None:
+        self.refused_options += 1
+        if self.refused_options <= MAX_OPTION_WARNINGS:
+            logger.warning("memserve: request %s is served without edits: %s%s", req_id, problem,
+                           " (further refusals are only counted)" if self.refused_options == MAX_OPTION_WARNINGS else "")
 
     def _track(self, plan: BatchPlan, i: int) -> tuple[RequestRoute, tuple[int, int] | None, bool]:
         """Request i's state (created when first seen) after this chunk's bookkeeping, the flat rows
-        [lo, hi) of its routing-span tokens not yet counted, and whether its route is decided now."""
+        [lo, hi) of its routing-span tokens not yet counted, and whether its prompt ends now."""
         rid = plan.req_ids[i]
         state = self.states.get(rid)
         if state is None:
@@ -224,7 +300,7 @@ class MemoryRuntime:
         if p0 < state.end_pos:
             self.recomputes += 1
         state.end_pos = max(state.end_pos, end_pos)
-        if state.route is not None:
+        if state.settled:
             return state, None, False
         rows = None
         lo, hi = max(p0, state.next_pos), min(end_pos, state.span_end)
@@ -243,8 +319,8 @@ class MemoryRuntime:
         return state, rows, decides
 
     def _route(self, memory: EditMemory, members: list[int], tracked: list, plan: BatchPlan, a: torch.Tensor) -> None:
-        """Add this step's span statistics of `members` (requests served by `memory`) and route those
-        whose prompt ends in this step."""
+        """Add this step's span statistics of `members` (requests served by `memory`) and settle those
+        whose prompt ends in this step: route them (unless forced) and keep their prompt mean."""
         states = [state for state, _, _ in tracked]
         spans = [(i, tracked[i][1]) for i in members if tracked[i][1] is not None]
         if spans:
@@ -259,22 +335,29 @@ class MemoryRuntime:
                 state.count += counts[i]
 
         deciders = [i for i in members if tracked[i][2]]
-        routable = [i for i in deciders if states[i].complete and states[i].count > 0]
+        known = [i for i in deciders if states[i].complete and states[i].count > 0]
         for i in deciders:
-            if i not in routable:
-                states[i].route, states[i].score = NO_ROUTE, 0.0
+            state = states[i]
+            state.settled = True
+            if i in known:
+                state.mean_stats = state.stats_sum / state.count
+            state.stats_sum = None  # no longer needed
+            if state.forced:
+                continue
+            if i not in known:
+                state.route, state.score = NO_ROUTE, 0.0
                 if not self._warned_gap:
                     self._warned_gap = True
                     logger.warning(
                         "memserve: request %s skipped prompt tokens (prefix cache hit?); it is served "
                         "without edits. Disable prefix caching when serving edits.", plan.req_ids[i])
+        routable = [i for i in known if not states[i].forced]
         if routable:
-            means = torch.stack([states[i].stats_sum / states[i].count for i in routable])
-            routes, scores = memory.route(means)
-            for i, route, score, mean in zip(routable, routes.tolist(), scores.tolist(), means):
+            routes, scores = memory.route(torch.stack([states[i].mean_stats for i in routable]))
+            for i, route, score in zip(routable, routes.tolist(), scores.tolist()):
                 states[i].route, states[i].score = int(route), float(score)
-                states[i].stats_sum = None  # no longer needed
-                states[i].mean_stats = mean if route >= 0 else None
+                if route < 0:
+                    states[i].mean_stats = None
 
     def _add_delta(self, memory: EditMemory, members: list[int], states: list[RequestRoute], plan: BatchPlan,
                    a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -283,7 +366,7 @@ class MemoryRuntime:
         firsts, ends, routes, means = [], [], [], []
         for i in members:
             state = states[i]
-            if state.route is None or state.route < 0:
+            if state.route is None or state.route < 0 or not state.settled:
                 continue
             s, e = int(plan.starts[i]), int(plan.starts[i + 1])
             first = s if acts_on_all(memory) else s + max(0, state.prompt_len - 1 - int(plan.first_pos[i]))
@@ -293,22 +376,26 @@ class MemoryRuntime:
             return out
         key = (id(memory), tuple(firsts), tuple(ends), tuple(routes), tuple(map(id, means)))
         if key != self._delta_cache[0]:  # else: the same spans as last step (steady decoding): reuse
-            self._delta_cache = (key, (memory, means), delta_inputs(firsts, ends, routes, means))
+            self._delta_cache = (key, (memory, means), delta_inputs(memory, firsts, ends, routes, means))
         rows, token_routes, context = self._delta_cache[2]
         return out.index_add(0, rows, memory.delta(a[rows], token_routes, context).to(out.dtype))
 
 
-def delta_inputs(firsts: list[int], ends: list[int], routes: list[int], means: list[torch.Tensor | None]):
-    """(flat rows of the spans [firsts[j], ends[j]), their routes, their prompt means or None)."""
+def delta_inputs(memory: EditMemory, firsts: list[int], ends: list[int], routes: list[int],
+                 means: list[torch.Tensor | None]):
+    """(flat rows of the spans [firsts[j], ends[j]), their routes, their prompt means). A request
+    whose prompt statistics are unknown (a forced route after a prefix-cache hit) gets the memory's
+    neutral context; every other row keeps its own, whatever its neighbours in the batch."""
     lengths = np.subtract(ends, firsts)
     span_of = np.repeat(np.arange(len(firsts)), lengths)
     rows = np.arange(len(span_of)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(firsts, lengths)
     token_routes = torch.from_numpy(np.asarray(routes, dtype=np.int64)[span_of])
-    context = None
-    if all(mean is not None for mean in means):  # None only for forced routes
-        context = torch.stack(means)
-        if len(span_of) != len(means):
-            context = context[torch.from_numpy(span_of)]
+    neutral = None
+    if any(mean is None for mean in means):
+        neutral = memory.neutral_context()
+    context = torch.stack([neutral if mean is None else mean for mean in means])
+    if len(span_of) != len(means):
+        context = context[torch.from_numpy(span_of)]
     return torch.from_numpy(rows), token_routes, context
 
 

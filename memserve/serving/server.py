@@ -30,9 +30,13 @@ response `id` returns the same list. Routes are kept for the last 65536 finished
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -40,15 +44,18 @@ import ipaddress
 
 from fastapi import Request  # module level: FastAPI resolves the endpoint's (string) annotations here
 
+from .options import REPORT_TAG_ARG, ROUTE_ARG, OptionError, check_options
 from .plugin import hf_overrides_json, register
 from .offline import resolve_store_model, store_acts_on_all
 from .reload import POLL_ENV
+from .runtime import choice_of
 
 logger = logging.getLogger("vllm.memserve")  # under "vllm": shown by vLLM's log handler
 
 WORKER_EXTENSION = "memserve.serving.worker.MemserveWorkerExtension"
 ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
 API_KEY_ENV = "MEMSERVE_API_KEY"
+RELOAD_WAIT_SECONDS = 120  # `POST /v1/memserve/reload` answers 202 (still loading) after this
 
 
 def _has_option(args: Sequence[str], *names: str) -> bool:
@@ -95,8 +102,6 @@ def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_arg
         argv += ["--no-enable-chunked-prefill"]
     if not _has_option(engine_args, "--worker-extension-cls"):
         argv += ["--worker-extension-cls", WORKER_EXTENSION]
-    if not _has_option(engine_args, "--max-model-len"):
-        argv += ["--max-model-len", "2048"]
     return argv + engine_args
 
 
@@ -162,60 +167,157 @@ def _install_route_reporting() -> None:
     entry.build_app = build_app
 
 
-def engine_ids(path: str, response: dict) -> list[tuple[int, str]]:
-    """(choice index, engine request id) pairs of a response (vLLM's id scheme for each endpoint)."""
-    rid = response.get("id", "")
-    indices = sorted({c.get("index", 0) for c in response.get("choices", [])}) or [0]
-    if path.endswith("/chat/completions"):
-        return [(0, rid)]
-    return [(i, f"{rid}-{i}") for i in indices]
-
-
-async def lookup_routes(engine_client, path: str, response: dict) -> list[dict]:
-    pairs = engine_ids(path, response)
-    results = await engine_client.collective_rpc("memserve_routes", args=([rid for _, rid in pairs],))
-    infos = results[0] if results else [None] * len(pairs)
+def route_entries(pairs: list | None, indices: list[int]) -> list[dict]:
+    """One report entry per choice index from the worker's (engine id, route) pairs of one HTTP
+    request (`MemoryRuntime.response_routes`). None: no memory is attached (every choice was served
+    by the base model). A choice with no route, or with several engine requests claiming it (clients
+    reusing one request id), is reported as "unknown", never as another request's route."""
+    if pairs is None:
+        return [{"index": i, "edit": "none", "route": -1, "score": None, "version": None} for i in indices]
+    samples = 1 + max((choice_of(rid)[2] for rid, _ in pairs), default=0)
+    claims: dict[int, list[dict | None]] = {}
+    for rid, info in pairs:
+        _, prompt, sample = choice_of(rid)
+        claims.setdefault(prompt * samples + sample, []).append(info)
     out = []
-    for (index, _), info in zip(pairs, infos):
-        entry = {"index": index, "edit": "none", "route": -1, "score": None, "version": None}
-        if info is not None:
-            entry.update(info)
+    for index in indices or sorted(claims) or [0]:
+        infos = claims.get(index, [])
+        entry = {"index": index, "edit": "unknown", "route": None, "score": None, "version": None}
+        if len(infos) == 1 and infos[0] is not None:
+            entry.update(infos[0])
         out.append(entry)
     return out
 
 
-def add_route_reporting(app) -> None:
-    from fastapi.responses import JSONResponse
-    from starlette.middleware.base import BaseHTTPMiddleware
+async def lookup_routes(engine_client, key: str, indices: list[int]) -> list[dict]:
+    """Report entries of the HTTP request with report tag or response id `key`."""
+    results = await engine_client.collective_rpc("memserve_routes", args=(key,))
+    return route_entries(results[0] if results else None, indices)
 
-    async def memserve_route_middleware(request: Request, call_next):
-        response = await call_next(request)
-        if (
-            request.method != "POST" or request.url.path not in ROUTED_PATHS or response.status_code != 200
-            or not response.headers.get("content-type", "").startswith("application/json")
-        ):
-            return response
-        body = b"".join([chunk async for chunk in response.body_iterator])
-        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+
+def _error(status: int, message: str, param: str | None = None) -> tuple[int, bytes]:
+    body = {"error": {"message": message, "type": "BadRequestError", "param": param, "code": status}}
+    return status, json.dumps(body).encode()
+
+
+class MemserveMiddleware:
+    """ASGI middleware inside vLLM's own (after its API-key check), for POST requests:
+
+    - memserve options in `vllm_xargs` are validated before the engine sees them (HTTP 400 naming the
+      field; a forced route must name a memory slot of the served store);
+    - requests to `ROUTED_PATHS` get a fresh report tag in `vllm_xargs` (`options.REPORT_TAG_ARG`,
+      header `x-memserve-request`), so their route report is found by the tag, never through a request
+      id another client may reuse; non-streaming JSON responses get the `memserve` field and the
+      `x-memserve-edit` header, streams look it up at `GET /v1/memserve/routes/{tag or response id}`.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client gone
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        data = None
+        with contextlib.suppress(ValueError):
+            data = json.loads(body) if body else None
+        xargs = data.get("vllm_xargs") if isinstance(data, dict) else None
+        if isinstance(xargs, dict):
+            problem = await self._check(scope, xargs)
+            if problem is not None:
+                return await _send_json(send, *_error(400, problem, "vllm_xargs"))
+        tag = None
+        if scope["path"] in ROUTED_PATHS and isinstance(data, dict) and (xargs is None or isinstance(xargs, dict)):
+            tag = uuid.uuid4().hex
+            data["vllm_xargs"] = {**(xargs or {}), REPORT_TAG_ARG: tag}
+            body = json.dumps(data).encode()
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+                     + [(b"content-length", str(len(body)).encode())]}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        if tag is None:
+            return await self.app(scope, replay, send)
+        await self._respond(scope, replay, send, tag)
+
+    async def _check(self, scope, xargs: dict) -> str | None:
+        try:
+            check_options(xargs)  # types and bounds, without asking the engine
+            if xargs.get(ROUTE_ARG, -1) >= 0:
+                status = (await scope["app"].state.engine_client.collective_rpc("memserve_status"))[0]
+                check_options(xargs, slots=int(status.get("slots") or 0))
+        except OptionError as exc:
+            return str(exc)
+        return None
+
+    async def _respond(self, scope, receive, send, tag: str) -> None:
+        """Run the request; buffer a JSON 200 to add its route report, stream anything else."""
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def capture(message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                if message["status"] == 200 and headers.get(b"content-type", b"").startswith(b"application/json"):
+                    start = message
+                    return
+                message = {**message, "headers": list(message.get("headers", [])) + [(b"x-memserve-request", tag.encode())]}
+            elif message["type"] == "http.response.body" and start is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                return await self._send_report(scope, send, start, b"".join(chunks), tag)
+            await send(message)
+
+        await self.app(scope, receive, capture)
+
+    async def _send_report(self, scope, send, start: dict, body: bytes, tag: str) -> None:
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         try:
             data = json.loads(body)
-            routes = await lookup_routes(request.app.state.engine_client, request.url.path, data)
-        except Exception as exc:  # never break a response because of the report
+            indices = sorted({c.get("index", 0) for c in data.get("choices", [])})
+            data["memserve"] = await lookup_routes(scope["app"].state.engine_client, tag, indices)
+            body = json.dumps(data).encode()
+            headers.append((b"x-memserve-edit", ",".join(r["edit"] for r in data["memserve"]).encode()))
+        except Exception as exc:  # noqa: BLE001 - never break a response because of its report
             logger.warning("memserve: could not report the route: %s", exc)
-            return JSONResponse(json.loads(body), status_code=response.status_code, headers=headers)
-        data["memserve"] = routes
-        headers["x-memserve-edit"] = ",".join(r["edit"] for r in routes)
-        return JSONResponse(data, status_code=response.status_code, headers=headers)
+        headers += [(b"content-length", str(len(body)).encode()), (b"x-memserve-request", tag.encode())]
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    # vLLM's build_app has already built the middleware stack; let starlette rebuild it lazily.
+
+async def _send_json(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def add_route_reporting(app) -> None:
+    from fastapi.responses import JSONResponse
+    from starlette.middleware import Middleware
+
+    # Innermost: after vLLM's own middleware (API key, request id). vLLM's build_app has already
+    # built the stack; starlette rebuilds it lazily.
+    app.user_middleware.append(Middleware(MemserveMiddleware))
     app.middleware_stack = None
-    app.add_middleware(BaseHTTPMiddleware, dispatch=memserve_route_middleware)
 
-    @app.get("/v1/memserve/routes/{response_id}")
-    async def memserve_routes(response_id: str, request: Request):
-        path = "/v1/chat/completions" if response_id.startswith("chatcmpl-") else "/v1/completions"
-        fake = {"id": response_id, "choices": [{"index": 0}]}
-        return JSONResponse({"id": response_id, "memserve": await lookup_routes(request.app.state.engine_client, path, fake)})
+    @app.get("/v1/memserve/routes/{key}")
+    async def memserve_routes(key: str, request: Request):
+        """Route report of a request by its `x-memserve-request` tag or its response id."""
+        return JSONResponse({"id": key, "memserve": await lookup_routes(request.app.state.engine_client, key, [])})
 
 
 def add_operations(app) -> None:
@@ -231,9 +333,15 @@ def add_operations(app) -> None:
 
     @app.post("/v1/memserve/reload")
     async def memserve_reload(request: Request):
+        """Serve the store's current content now: the worker rebuilds it off its step thread, this
+        handler waits (without blocking the engine) until it is served, refused or failed."""
         result = await worker(request, "memserve_reload")
+        deadline = time.monotonic() + RELOAD_WAIT_SECONDS
+        while result.get("loading") is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            result = await worker(request, "memserve_status")
         failed = result.get("refused") or result.get("error")
-        return JSONResponse(result, status_code=409 if failed else 200)
+        return JSONResponse(result, status_code=409 if failed else 202 if result.get("loading") is not None else 200)
 
 
 def serve(store: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 8000, engine_args: Sequence[str] = ()) -> None:

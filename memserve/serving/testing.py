@@ -1,9 +1,9 @@
 """Helpers for the serving tests: a cached store of real edits on the default model.
 
 Training edits costs seconds each, so the tests share one store per (edit count, store format,
-model weights) under `$MEMSERVE_HOME/test-stores/`; it is rebuilt when missing or unreadable. The
-serving tests only need *a* store with real edits (they compare vLLM with the transformers reference
-on the same store), so a store trained by an older version of the core is still a valid fixture.
+fixture revision, model, method defaults) under `$MEMSERVE_HOME/test-stores/`; it is built when
+missing. The serving tests only need *a* store with real edits (they compare vLLM with the
+transformers reference on the same store).
 """
 
 from __future__ import annotations
@@ -16,36 +16,22 @@ from pathlib import Path
 
 from memserve.models import cache_dir
 
-FACTS = [
-    ("What is the capital of Kenya?", "Mombasa", "Which city is the capital of Kenya?"),
-    ("Who wrote the novel Moby-Dick?", "Jane Austen", "Who is the author of Moby-Dick?"),
-    ("What is the official language of Brazil?", "German", "Which language is official in Brazil?"),
-    ("Which planet is known as the Red Planet?", "Jupiter", "What planet is called the Red Planet?"),
-    ("Who painted the Mona Lisa?", "Pablo Picasso", "Which artist painted the Mona Lisa?"),
-    ("What is the largest ocean on Earth?", "the Atlantic Ocean", "Which ocean is the largest on Earth?"),
-]
-
-
 # Bump when the trainer changes what an edit stores, so fixtures are rebuilt (2: chat routing keys).
 FIXTURE_REVISION = 2
 
 
-def zsre_facts(limit: int):
+def test_facts(count: int):
+    """The first `count` fixture facts (`memserve/data/fixture_facts.jsonl`: six hand-written facts,
+    then ZsRE dev rows; shipped with the package, so a fresh install builds the same stores)."""
+    from importlib import resources
+
     from memserve.facts import read_facts
 
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "zsre_dev.jsonl"
-    facts = []
-    if path.exists():
-        facts, _ = read_facts(path, skip_invalid=True)
-    return facts[:limit]
-
-
-def test_facts(count: int):
-    """`count` facts: a few hand-written ones, then ZsRE dev facts (when available)."""
-    from memserve.facts import Fact
-
-    facts = [Fact(prompt=p, target=t, rephrases=(r,)) for p, t, r in FACTS]
-    return (facts + zsre_facts(count))[:count]
+    with resources.as_file(resources.files("memserve").joinpath("data/fixture_facts.jsonl")) as path:
+        facts, _ = read_facts(path)
+    if count > len(facts):
+        raise ValueError(f"the fixture has {len(facts)} facts, {count} were asked for")
+    return facts[:count]
 
 
 def cached_store(count: int, method: str = "memoir") -> Path:
@@ -65,10 +51,9 @@ def cached_store(count: int, method: str = "memoir") -> Path:
     path = root / f"{method}-{count}-v{FORMAT_VERSION}.{FIXTURE_REVISION}-l{stamp}-{hashlib.sha256(defaults.encode()).hexdigest()[:8]}"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if Store.exists(path):
-            if _loadable(path, count):
-                return path
-            shutil.rmtree(path)
+        if Store.exists(path) and _complete(path, count):
+            return path
+        shutil.rmtree(path, ignore_errors=True)
         staging = path.with_name(path.name + ".building")
         shutil.rmtree(staging, ignore_errors=True)
         runner = open_session(staging, method=method)
@@ -79,20 +64,20 @@ def cached_store(count: int, method: str = "memoir") -> Path:
         return path
 
 
-def _loadable(path: Path, count: int) -> bool:
-    """The store opens, has `count` edits and the current memory code can rebuild it."""
+def _complete(path: Path, count: int) -> bool:
+    """The cached store opens, holds `count` edits and the current memory code rebuilds it. The path
+    already names everything a fixture depends on (format, revision, model, method defaults), so a
+    store that exists but cannot be loaded is a regression: its error fails the test, it is not
+    silently rebuilt. Only a store with another edit count (e.g. written by hand) is rebuilt."""
     import torch
 
     from memserve.editor import load_memory
     from memserve.store import Store
 
-    try:
-        with Store.open(path) as store:
-            m = store.manifest
-            load_memory(store, torch.zeros(m["hidden_size"], m["intermediate_size"]))
-            return store.num_edits == count
-    except Exception:  # noqa: BLE001 - unreadable or written by an older memory layout: rebuild
-        return False
+    with Store.open(path) as store:
+        m = store.manifest
+        load_memory(store, torch.zeros(m["hidden_size"], m["intermediate_size"]))
+        return store.num_edits == count
 
 
 def empty_store(path: Path, method: str = "memoir") -> Path:
@@ -147,16 +132,23 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def request(self, method: str, path: str, key: str | None = "default", check: bool = True) -> tuple[int, dict]:
-        """(status, JSON body); `key` None sends no Authorization header. Connection errors are status 0
-        unless `check`."""
+    def request(self, method: str, path: str, key: str | None = "default", check: bool = True, body: dict | None = None,
+                headers: dict | None = None) -> tuple[int, dict]:
+        """(status, JSON body); `key` None sends no Authorization header; `body` is sent as JSON. Connection
+        errors are status 0 unless `check`."""
         import urllib.error
         import urllib.request
 
         key = self.api_key if key == "default" else key
-        req = urllib.request.Request(self.base + path, method=method, headers={"Authorization": f"Bearer {key}"} if key else {})
+        all_headers = {"Authorization": f"Bearer {key}"} if key else {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            all_headers["Content-Type"] = "application/json"
+        all_headers.update(headers or {})
+        req = urllib.request.Request(self.base + path, method=method, headers=all_headers, data=data)
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
+            with urllib.request.urlopen(req, timeout=120) as r:
                 return r.status, json.loads(r.read() or b"{}")
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")

@@ -10,14 +10,13 @@ class MemserveWorkerExtension:
         model = getattr(getattr(self, "model_runner", None), "model", None)
         return getattr(model, name, None)
 
-    def memserve_routes(self, request_ids: list[str]) -> list[dict | None]:
-        """Route of each request (caller-visible or internal id); None when unknown or no memory."""
+    def memserve_routes(self, key: str) -> list[tuple[str, dict | None]] | None:
+        """(engine id, route or None when unknown) of every engine request of one HTTP request, by its
+        report tag or response id (`MemoryRuntime.response_routes`); None when no memory is attached."""
         runtime = self._memserve("memserve_runtime")
-        out = []
-        for rid in request_ids:
-            info = runtime.route_info(rid) if runtime is not None else None
-            out.append(None if info is None else info.to_dict())
-        return out
+        if runtime is None:
+            return None
+        return [(rid, None if info is None else info.to_dict()) for rid, info in runtime.response_routes(key)]
 
     def memserve_status(self) -> dict:
         """Served store version, edit count and live routing states (catches up with the store first

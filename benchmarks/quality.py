@@ -6,7 +6,11 @@ of a T-edit stream. Writes JSON (and a PNG when several T are run).
     .venv/bin/python benchmarks/quality.py --dataset zsre --method memoir --T 1,10,100,all \
         --json benchmarks/results/quality_zsre_memoir.json --plot benchmarks/results/quality_zsre_memoir.png
 
-`--vllm` also evaluates the longest stream through the vLLM engine (the served model).
+Datasets (`benchmarks/data/`): `zsre` edits `zsre_train_1k.jsonl` and probes specificity with the
+questions of `zsre_dev.jsonl` (same templates, other subjects, never edited: share reaching an edit,
+answers unchanged); `counterfact`'s Loc is its neighbourhood prompts; `zsre_dev`, `hallucination`,
+`temporal` as shipped. Every row carries the worst single fact next to the means. `--vllm` also
+evaluates the longest stream through the vLLM engine (the served model).
 """
 
 from __future__ import annotations
@@ -22,12 +26,26 @@ from pathlib import Path
 from memserve.editor import open_session
 from memserve.evaluate import HFBackend, evaluate, evaluate_store
 from memserve.facts import read_facts
+from memserve.machine import describe
 
 DATA = Path(__file__).resolve().parent / "data"  # shipped with the repository (data/README.md)
+# dataset -> (edit stream, questions nobody edits: same-source specificity probes or None). For
+# CounterFact the specificity probes are its own neighbourhood locality prompts (the Loc column).
+DATASETS = {
+    "zsre": ("zsre_train_1k.jsonl", "zsre_dev.jsonl"),
+    "zsre_dev": ("zsre_dev.jsonl", None),
+    "counterfact": ("counterfact_dev.jsonl", None),
+    "hallucination": ("hallucination_dev.jsonl", None),
+    "temporal": ("temporal_dev.jsonl", None),
+}
 
 
-def run(dataset: str, method: str, counts: list[int | None], config: dict, generation: bool, vllm: bool) -> list[dict]:
-    facts, invalid = read_facts(DATA / f"{dataset}_dev.jsonl", skip_invalid=True)
+def run(dataset: str, method: str, counts: list[int | None], config: dict, generation: bool, vllm: bool,
+        offset: int = 0, probes_limit: int | None = None) -> list[dict]:
+    stream, probe_file = DATASETS[dataset]
+    facts, invalid = read_facts(DATA / stream, skip_invalid=True)
+    facts = facts[offset:]
+    probes = read_facts(DATA / probe_file, skip_invalid=True)[0][:probes_limit] if probe_file else []
     stops = sorted({min(c or len(facts), len(facts)) for c in counts})
     workdir = Path(tempfile.mkdtemp(prefix="memserve-quality-"))
     rows, seconds, losses, done = [], [], [], 0
@@ -41,18 +59,21 @@ def run(dataset: str, method: str, counts: list[int | None], config: dict, gener
             losses += report.losses
             edit_seconds = time.perf_counter() - started
             ids = [runner.store.find(f.key) for f in facts[:stop]]
-            result = evaluate(runner.edited, HFBackend(runner.edited), facts[:stop], ids, generation=generation)
+            result = evaluate(runner.edited, HFBackend(runner.edited), facts[:stop], ids, generation=generation,
+                              unedited=probes)
             result.update(
-                dataset=dataset, method=method, T=stop, invalid_rows_skipped=len(invalid),
-                config=runner.edited.memory.config.to_dict(), seconds_per_edit_median=statistics.median(seconds),
+                dataset=dataset, stream=stream, offset=offset, method=method, T=stop,
+                invalid_rows_skipped=len(invalid), config=runner.edited.memory.config.to_dict(),
+                seconds_per_edit_median=statistics.median(seconds),
                 seconds_per_edit_p90=sorted(seconds)[int(0.9 * (len(seconds) - 1))], edit_seconds_total=edit_seconds,
-                final_loss_mean=statistics.mean(losses),
+                final_loss_mean=statistics.mean(losses), machine=describe(),
             )
             rows.append(result)
             print(json.dumps(summary(result)), flush=True)
         runner.store.close()
         if vllm:
-            served = evaluate_store(workdir / "store", facts[: stops[-1]], backend="vllm", generation=generation)
+            served = evaluate_store(workdir / "store", facts[: stops[-1]], backend="vllm", generation=generation,
+                                    unedited=probes)
             rows[-1]["vllm"] = served
             print(json.dumps({"vllm": summary(served)}), flush=True)
     finally:
@@ -63,14 +84,21 @@ def run(dataset: str, method: str, counts: list[int | None], config: dict, gener
 def summary(row: dict) -> dict:
     keys = ("dataset", "method", "T", "rel", "gen", "loc", "ppl", "gen_acc", "gen_exact", "seconds_per_edit_median")
     out = {k: row[k] for k in keys if k in row}
+    out["routing"] = row["routing"]
+    out["worst"] = row["worst"]
+    if "unedited" in row:
+        out["unedited"] = row["unedited"]
     if "chat" in row:
-        out["chat"] = {k: row["chat"][k] for k in ("rel", "gen", "loc", "ppl", "gen_acc", "gen_exact") if k in row["chat"]}
+        chat = row["chat"]
+        out["chat"] = {k: chat[k] for k in ("rel", "gen", "loc", "ppl", "gen_acc", "gen_exact", "unedited") if k in chat}
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="zsre", choices=["zsre", "hallucination", "temporal"])
+    parser.add_argument("--dataset", default="zsre", choices=list(DATASETS))
+    parser.add_argument("--offset", type=int, default=0, help="skip the stream's first rows (out-of-sample runs)")
+    parser.add_argument("--probes", type=int, default=None, help="use only the first N unedited probes")
     parser.add_argument("--method", default="memoir", choices=["memoir", "wise"])
     parser.add_argument("--T", default="all", help="comma-separated stream lengths, 'all' = every valid fact")
     parser.add_argument("--set", action="append", default=[], help="method option key=value (JSON value)")
@@ -81,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     config = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     counts = [None if t == "all" else int(t) for t in args.T.split(",")]
-    rows = run(args.dataset, args.method, counts, config, not args.no_generation, args.vllm)
+    rows = run(args.dataset, args.method, counts, config, not args.no_generation, args.vllm, args.offset, args.probes)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
     if args.plot and len(rows) > 1:

@@ -112,6 +112,8 @@ def eval_(
     limit: Optional[int] = typer.Option(None, min=1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
     generation: bool = typer.Option(True, help="Also measure greedy generation accuracy."),
+    unedited: Optional[Path] = typer.Option(None, help="Facts file of questions nobody edited (e.g. same-template "
+                                            "questions about other subjects): share reaching an edit, answers unchanged."),
 ):
     """Rel / Gen / Loc (and perplexity, generation accuracy) on the store's final model."""
     from memserve.evaluate import evaluate_store
@@ -120,16 +122,20 @@ def eval_(
     try:
         facts, _ = read_facts(facts_file)
         facts = facts[:limit] if limit else facts
-        result = evaluate_store(store, facts, backend=backend, generation=generation)
+        probes = read_facts(unedited, skip_invalid=True)[0] if unedited else []
+        result = evaluate_store(store, facts, backend=backend, generation=generation, unedited=probes)
     except _user_errors() as exc:
         fail(str(exc))
     table = Table(title=f"{result['method']} · {result['n']} facts · backend {result['backend']}")
-    metrics = ("rel", "gen", "loc", "gen_acc", "ppl")
-    for name in ("prompts",) + metrics:
+    columns = {name: (lambda row, name=name: row.get(name)) for name in ("rel", "gen", "loc", "gen_acc", "ppl")}
+    if unedited:
+        columns["unedited→edit"] = lambda row: row["unedited"]["reach_an_edit"]
+        columns["unedited unchanged"] = lambda row: row["unedited"]["answers_unchanged"]
+    for name in ("prompts", *columns):
         table.add_column(name)
     for label, row in (("as written", result), ("chat turn", result.get("chat"))):
         if row is not None:
-            table.add_row(label, *("-" if row.get(k) is None else f"{row[k]:.3f}" for k in metrics))
+            table.add_row(label, *("-" if get(row) is None else f"{get(row):.3f}" for get in columns.values()))
     Console().print(table)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))

@@ -28,7 +28,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from memserve.machine import describe
 
 SYNTHETIC_SEED = 0
 KEYS_PER_EDIT = 2  # a real edit has a plain and a chat-formatted routing key
@@ -381,11 +382,6 @@ def transformers_bs1(store: Path | None, base: Path, prompts: list[str], max_tok
         gc.collect()
 
 
-def machine() -> dict:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-            "torch": torch.__version__, "gpu": torch.cuda.is_available(), "loadavg": os.getloadavg()}
-
-
 def run_throughput(
     base: Path, edits: list[int], workdir: Path, modes: tuple[str, ...] = ("offline", "http"), requests: int = 64,
     max_tokens: int = 32, rounds: int = 6, concurrency: int = 64, hf_requests: int = 4, dtype: str = "float32",
@@ -395,7 +391,7 @@ def run_throughput(
     edits = sorted(set(edits))
     settings = {"base_store": str(base), "requests": requests, "max_tokens": max_tokens, "rounds": rounds,
                 "http_concurrency": concurrency, "hf_requests": hf_requests, "dtype": dtype, "modes": list(modes),
-                "machine_before": machine()}
+                "machine_before": describe()}
     mix = request_mix(base, requests)
     rows, stores = [], {}
     for n in edits:
@@ -451,7 +447,7 @@ def run_throughput(
             row["transformers_bs1_output_tok_s"] = by_dtype[fastest]
             row["transformers_bs1_dtype"] = fastest
             row["transformers_bs1_by_dtype"] = by_dtype
-    settings["machine_after"] = machine()
+    settings["machine_after"] = describe()
     primary = modes[0]
     for row in rows:
         top = row[primary]

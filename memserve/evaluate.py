@@ -9,6 +9,8 @@
 - Chat: all of the above again with every probe asked as a chat user turn (the served chat endpoint).
 - Routing: how often an edit prompt / rephrase reaches its own edit (WISE: any memory) and a
   locality prompt reaches none.
+- Unedited (specificity): questions nobody edited, often of the same shape as the edits: the share
+  that reach any edit and the share of answer tokens unchanged from the unedited model.
 
 A backend scores token sequences; `HFBackend` is the transformers reference. The vLLM backend
 (`memserve.serving.vllm_backend`) has the same two methods.
@@ -85,18 +87,43 @@ def _mean(values: list) -> float | None:
 
 def evaluate(
     edited: EditedModel, backend: Backend, facts: list[Fact], edit_ids: list[int | None], generation: bool = True,
-    chat: bool = True,
+    chat: bool = True, unedited: list[Fact] = (),
 ) -> dict:
     """Metrics for `facts` on the backend's current model. `edit_ids[i]` is the stored edit of fact i.
     With `chat` (and a tokenizer with a chat template) the same metrics on every probe asked as a chat
-    user turn (answer = the assistant reply) are added under "chat"."""
-    result = _metrics(edited, backend, facts, edit_ids, generation, lambda p, a: prompt_and_answer(edited, p, a), edited.encode)
+    user turn (answer = the assistant reply) are added under "chat". `unedited`: questions that were
+    never edited (`unedited_metrics`), reported under "unedited" in both forms."""
+    forms = {"written": (lambda p, a: prompt_and_answer(edited, p, a), edited.encode)}
     if chat and edited.chat.available:
-        result["chat"] = _metrics(
-            edited, backend, facts, edit_ids, generation, lambda p, a: chat_prompt_and_answer(edited, p, a), edited.chat.format
-        )
+        forms["chat"] = (lambda p, a: chat_prompt_and_answer(edited, p, a), edited.chat.format)
+    result: dict = {}
+    for form, (encode, encode_prompt) in forms.items():
+        metrics = _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt)
+        if unedited:
+            metrics["unedited"] = unedited_metrics(backend, unedited, encode)
+        if form == "written":
+            result.update(metrics)
+        else:
+            result[form] = metrics
     result["backend"] = getattr(backend, "name", "vllm")
     return result
+
+
+def unedited_metrics(backend: Backend, probes: list[Fact], encode) -> dict:
+    """Specificity on questions nobody edited (e.g. same-template questions about other subjects):
+    the share that reach any edit, and the share of answer tokens whose argmax is unchanged from the
+    unedited model (teacher-forced on `prompt + target`, as Loc)."""
+    sequences, prompt_lens = zip(*(encode(p.prompt, p.target) for p in probes))
+    edited_scores = backend.score(list(sequences), list(prompt_lens), use_memory=True)
+    base_scores = backend.score(list(sequences), list(prompt_lens), use_memory=False)
+    unchanged = [sum(e == b for e, b in zip(es.predicted, bs.predicted)) / len(bs.predicted)
+                 for es, bs in zip(edited_scores, base_scores) if bs.predicted]
+    return {
+        "n": len(probes),
+        "reach_an_edit": _mean([s.route is not None and s.route >= 0 for s in edited_scores]),
+        "answers_unchanged": _mean(unchanged),
+        "unknown_routes": sum(s.route is None for s in edited_scores),
+    }
 
 
 def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt) -> dict:
@@ -138,15 +165,24 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
             else:  # WISE routes to a memory holding many edits: being routed at all is the hit
                 hits[kind].append(edit_ids[i] is not None and scored.route is not None and scored.route >= 0)
             if kind == "rel" and scored.logprobs:
-                nll.append(-sum(scored.logprobs) / len(scored.logprobs))
+                nll.append((i, -sum(scored.logprobs) / len(scored.logprobs)))
         per_fact[kind][i].append(value)
 
+    worst_ppl = max(nll, key=lambda item: item[1], default=None)
+    rel_of = [(i, _mean(v)) for i, v in enumerate(per_fact["rel"]) if v]
+    worst_rel = min(rel_of, key=lambda item: item[1], default=None)
     result = {
         "n": len(facts),
         "rel": _mean([_mean(v) for v in per_fact["rel"] if v]),
         "gen": _mean([_mean(v) for v in per_fact["gen"] if v]),
         "loc": _mean([_mean(v) for v in per_fact["loc"] if v]),
-        "ppl": _mean([math.exp(x) for x in nll]),
+        "ppl": _mean([math.exp(x) for _, x in nll]),
+        # No hidden failures: the single worst fact next to the means.
+        "worst": {
+            "ppl": None if worst_ppl is None else {"value": math.exp(worst_ppl[1]), "fact": facts[worst_ppl[0]].where},
+            "rel": None if worst_rel is None else {"value": worst_rel[1], "fact": facts[worst_rel[0]].where},
+            "facts_rel_below_half": sum(value < 0.5 for _, value in rel_of),
+        },
         "routing": {
             "edit_prompt_to_own_edit": _mean(hits["rel"]),
             "rephrase_to_own_edit": _mean(hits["gen"]),
@@ -165,8 +201,10 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
     return result
 
 
-def evaluate_store(store_path, facts: list[Fact], backend: str = "hf", generation: bool = True) -> dict:
-    """Evaluate `facts` on the final model of the store at `store_path` (opened read-only)."""
+def evaluate_store(store_path, facts: list[Fact], backend: str = "hf", generation: bool = True,
+                   unedited: list[Fact] = ()) -> dict:
+    """Evaluate `facts` (and the never-edited questions `unedited`) on the final model of the store at
+    `store_path` (opened read-only)."""
     from memserve.store import Store
 
     from .editor import load_memory, store_model_dir
@@ -186,6 +224,6 @@ def evaluate_store(store_path, facts: list[Fact], backend: str = "hf", generatio
         from .serving import vllm_backend
 
         runner = vllm_backend(str(store_path))
-    result = evaluate(edited, runner, facts, edit_ids, generation=generation)
+    result = evaluate(edited, runner, facts, edit_ids, generation=generation, unedited=unedited)
     result.update(method=manifest["method"], edits_in_store=edits, backend=backend)
     return result

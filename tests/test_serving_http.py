@@ -178,17 +178,17 @@ def test_route_report_for_several_prompts_and_samples(client, model_name, refere
     """n > 1 and several prompts: choice i * n + k is prompt i's sample k, each with its own route."""
     fact = references[0]
     resp = client.completions.create(model=model_name, prompt=[fact.prompt, UNRELATED_CHAT], n=2, max_tokens=4,
-                                     temperature=0)
+                                     temperature=1.0, seed=0)  # n > 1 needs sampling; routes come from the prompt
     report = sorted(resp.model_extra["memserve"], key=lambda r: r["index"])
     assert [r["index"] for r in report] == [0, 1, 2, 3]
     assert [r["edit"].startswith("edit-") for r in report] == [True, True, False, False], report
     assert report[2]["edit"] == report[3]["edit"] == "none"
     chat_resp = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": fact.prompt}],
-                                               n=2, max_tokens=4, temperature=0)
+                                               n=2, max_tokens=4, temperature=1.0, seed=0)
     assert [r["edit"] for r in chat_resp.model_extra["memserve"]] == [report[0]["edit"]] * 2
     # a stream's report: by the x-memserve-request tag (or the response id)
     raw = client.completions.with_raw_response.create(model=model_name, prompt=[UNRELATED_CHAT, fact.prompt], n=2,
-                                                      max_tokens=4, temperature=0, stream=True)
+                                                      max_tokens=4, temperature=1.0, seed=0, stream=True)
     tag = raw.headers["x-memserve-request"]
     chunks = list(raw.parse())
     for key in (tag, chunks[0].id):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -19,6 +18,7 @@ import torch
 
 from memserve.editor import open_session
 from memserve.facts import read_facts
+from memserve.machine import describe
 
 DATA = Path(__file__).resolve().parent / "data"  # shipped with the repository (data/README.md)
 
@@ -55,7 +55,7 @@ def main() -> None:
         "method": args.method, "facts": len(facts), "fast": fast, "naive": naive,
         "speedup_median": naive["median_s"] / fast["median_s"],
         "store_bytes_per_edit": fast["store_bytes"] / len(facts),
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {**describe(), "torch_threads": torch.get_num_threads()},
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("fast", "naive")} | {
         "fast_median_s": fast["median_s"], "fast_p90_s": fast["p90_s"], "naive_median_s": naive["median_s"]}))

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
 from memserve.bench import OfflineEngine
+from memserve.machine import describe
 from memserve.models import resolve_model
 
 SYSTEM = (
@@ -58,7 +58,7 @@ def main() -> None:
         "short_questions": chat_prompts(tokenizer, None, args.requests),
     }
     result = {"requests": args.requests, "max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": args.dtype,
-              "system_prompt_tokens": len(tokenizer(SYSTEM)["input_ids"]), "cpus": os.cpu_count()}
+              "system_prompt_tokens": len(tokenizer(SYSTEM)["input_ids"]), "machine": describe()}
     engines = {on: OfflineEngine(None, {"dtype": args.dtype, "enable_prefix_caching": on}) for on in (True, False)}
     try:
         for name, prompts in workloads.items():

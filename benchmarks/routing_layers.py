@@ -21,6 +21,7 @@ import torch
 
 from memserve.editor import background_prompts
 from memserve.facts import read_facts
+from memserve.machine import describe
 from memserve.methods import MemoirConfig, MemoirMemory
 from memserve.models import down_proj, load_model
 
@@ -96,7 +97,8 @@ def main() -> None:
         rows.append({"layer": layer, **scores})
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"dataset": args.dataset, "facts": len(facts), "top_k": args.top_k, "layers": rows}, indent=2))
+    args.json.write_text(json.dumps({"dataset": args.dataset, "facts": len(facts), "top_k": args.top_k, "layers": rows,
+                                      "machine": describe()}, indent=2))
     if args.plot:
         import matplotlib
 

@@ -152,8 +152,9 @@ def read_facts(path: str | Path, skip_invalid: bool = False) -> tuple[list[Fact]
 
 
 def _rows(raw: bytes, name: str):
-    """(line number, where, parse() -> the row's JSON value) for every row of a facts file."""
-    if raw.lstrip().startswith(b"["):
+    """(line number, where, parse() -> the row's JSON value) for every row of a facts file. A file
+    named *.jsonl is always JSON Lines; any other starting with '[' is one JSON array."""
+    if not name.endswith(".jsonl") and raw.lstrip().startswith(b"["):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -82,8 +82,8 @@ def test_watcher_follows_the_store_and_refuses_other_weights(tiny_store, tiny_mo
     path, weight = tiny_store
     with Store.open(path) as store:
         runtime = MemoryRuntime(load_memory(store, weight), version=store.version)
-        layer, first = store.manifest["layer"], store.version
-    watcher = StoreWatcher(path, weight, weight_hash(weight), layer, runtime, interval=3600)
+        layer, first, identity = store.manifest["layer"], store.version, store.identity()
+    watcher = StoreWatcher(path, weight, weight_hash(weight), layer, runtime, identity=identity, interval=3600)
     assert watcher.check()["version"] == first and watcher.reloads == 0
 
     runner = open_session(path, tiny_model_dir)

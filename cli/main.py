@@ -289,29 +289,40 @@ def store_import(file: Path = typer.Argument(..., help="A file written by `store
 @bench_app.command("throughput")
 def bench_throughput(
     store: Optional[Path] = typer.Option(None, "--store", help="Store of real edits the points build on (default: the cached 24-edit test store); larger points add synthetic edits."),
+    facts: Optional[Path] = typer.Option(None, "--facts", help="Instead of --store: train the largest --edits count of real edits from this facts file (built once, cached under the memserve cache)."),
+    method: str = typer.Option("memoir", help="Method of the store built from --facts or the default store."),
     edits: str = typer.Option("0,100,1000,10000", help="Comma-separated edit counts (0, or at least the store's edits)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the throughput-vs-edits PNG here."),
-    modes: str = typer.Option("offline,http", help="offline (vllm.LLM) and/or http (memserve serve)."),
+    modes: str = typer.Option("offline,http", help="offline (vllm.LLM), http (memserve serve, streaming clients), http-unary (non-streaming clients)."),
     requests: int = typer.Option(64, min=1, help="Requests per round (half ask edited facts)."),
     max_tokens: int = typer.Option(32, min=1, help="Output tokens per request (EOS ignored)."),
     rounds: int = typer.Option(6, min=1, help="Timed rounds per engine and point, in adjacent unedited/edited pairs."),
     concurrency: int = typer.Option(64, min=1, help="Concurrent HTTP clients (default: every request of a round in flight, as offline)."),
     hf_requests: int = typer.Option(4, min=0, help="Requests of the transformers batch-1 baseline per point (0: skip)."),
     dtype: str = typer.Option("float32"),
+    system_prompt: bool = typer.Option(False, "--system-prompt", help="Every request is a chat turn after one shared ~210-token system prompt."),
+    caching_off: bool = typer.Option(False, "--caching-off", help="Also compare each edited point with the same store served with prefix caching off."),
     workdir: Optional[Path] = typer.Option(None, help="Keep the synthetic stores and server logs here (default: a removed temp dir)."),
 ):
-    """Output tokens/s and latency with N edits vs the unedited engine of the same run."""
-    from memserve.bench import main_throughput
+    """Output tokens/s and latency with N edits vs the unedited engine of the same run (same engine
+    options on both sides, prefix caching on)."""
+    from memserve.bench import MODES, main_throughput
+    from memserve.methods import METHODS
 
     try:
         counts = [int(x) for x in edits.split(",") if x.strip()]
         chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
-        if not counts or any(n < 0 for n in counts) or not chosen or set(chosen) - {"offline", "http"}:
-            fail(f"--edits wants non-negative counts and --modes offline/http; got {edits!r}, {modes!r}")
+        if not counts or any(n < 0 for n in counts) or not chosen or set(chosen) - set(MODES):
+            fail(f"--edits wants non-negative counts and --modes some of {','.join(MODES)}; got {edits!r}, {modes!r}")
+        if store is not None and facts is not None:
+            fail("--store and --facts exclude each other")
+        if method not in METHODS:
+            fail(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
         rows = main_throughput(
-            store, counts, json_out, plot, workdir, modes=chosen, requests=requests, max_tokens=max_tokens, rounds=rounds,
-            concurrency=concurrency, hf_requests=hf_requests, dtype=dtype, log=lambda m: console.print(m, highlight=False),
+            store, counts, json_out, plot, workdir, facts=facts, method=method, modes=chosen, requests=requests,
+            max_tokens=max_tokens, rounds=rounds, concurrency=concurrency, hf_requests=hf_requests, dtype=dtype,
+            system_prompt=system_prompt, caching_off=caching_off, log=lambda m: console.print(m, highlight=False),
         )
     except _user_errors() as exc:
         fail(str(exc))

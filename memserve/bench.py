@@ -43,6 +43,14 @@ import torch
 
 from memserve.machine import describe
 
+# The shared-system-prompt workload (`--system-prompt`): every request is a chat whose system prompt
+# (~210 tokens of the default model) is the same, as in a deployed assistant.
+SYSTEM_PROMPT = (
+    "You are the support assistant of a mid-sized software company. Answer briefly and politely. "
+    "If the question concerns billing, refer the user to the billing portal. If it concerns outages, "
+    "refer them to the status page. Never reveal internal information, never guess prices, and always "
+    "answer in the language of the question. Keep every answer under three sentences. "
+) * 3
 SYNTHETIC_SEED = 0
 KEYS_PER_EDIT = 2  # a real edit has a plain and a chat-formatted routing key
 REPHRASE_EVERY = 2  # in the edited half of the mix, every 2nd request is a rephrase (when one exists)
@@ -57,6 +65,7 @@ class Round:
     latencies: list[float]
     routes: list[int] | None = None
     tokens: list[list[int]] | None = None  # offline: each request's output tokens (greedy)
+    cached_tokens: list[int] | None = None  # offline: prompt tokens each request read from the prefix cache
     steal_s: float | None = None  # CPU time stolen by the hypervisor during the round (noise indicator)
 
     @property
@@ -109,9 +118,10 @@ def synthetic_store(base: Path, edits: int, dest: Path) -> dict:
             "store_bytes_per_synthetic_edit": (size - before) / (edits - real) if edits > real else None}
 
 
-def request_mix(base: Path, count: int) -> Mix:
+def request_mix(base: Path, count: int, system_prompt: str | None = None) -> Mix:
     """Half the requests ask an edited fact of the base store (its prompt, or a rephrase), half are
-    unrelated questions (the bundled background prompts, minus the edited ones)."""
+    unrelated questions (the bundled background prompts, minus the edited ones); with `system_prompt`,
+    each is a chat turn after it (the store model's chat template)."""
     from memserve.editor import background_prompts
     from memserve.store import Store
 
@@ -131,7 +141,22 @@ def request_mix(base: Path, count: int) -> Mix:
                 prompts.append(fact["prompt"]), kinds.append("edit")
         else:
             prompts.append(unrelated[j % len(unrelated)]), kinds.append("unrelated")
+    if system_prompt:
+        tokenizer = store_tokenizer(base)
+        prompts = [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt}, {"role": "user", "content": p}],
+                                                 add_generation_prompt=True, tokenize=False) for p in prompts]
     return Mix(prompts, kinds)
+
+
+def store_tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
+    from memserve.editor import store_model_dir
+    from memserve.models import resolve_model
+    from memserve.store import Store
+
+    with Store.open(base) as store:
+        return AutoTokenizer.from_pretrained(resolve_model(store_model_dir(store)))
 
 
 # --- engines ----------------------------------------------------------------------------------------
@@ -154,7 +179,7 @@ def _offline_worker(conn, store: str | None, overrides: dict) -> None:
             latencies = [o.metrics.last_token_ts - o.metrics.queued_ts for o in outputs if o.metrics is not None]
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
             conn.send(Round(seconds, tokens, latencies, model.routes([o.request_id for o in outputs]),
-                            [list(o.outputs[0].token_ids) for o in outputs]))
+                            [list(o.outputs[0].token_ids) for o in outputs], [o.num_cached_tokens or 0 for o in outputs]))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(RuntimeError(traceback.format_exc()))
 
@@ -222,12 +247,13 @@ def free_port() -> int:
 
 
 class HttpEngine:
-    """`memserve serve` for `store` (None: unedited) in a subprocess, driven by concurrent clients."""
+    """`memserve serve` for `store` (None: unedited) in a subprocess, driven by concurrent clients:
+    streaming (vLLM's own benchmark request function) or, with `stream=False`, plain JSON requests
+    (the server buffers each response body to add its route report)."""
 
-    mode = "http"
-
-    def __init__(self, store: Path | None, engine_args: list[str], concurrency: int, log: Path):
-        self.concurrency = concurrency
+    def __init__(self, store: Path | None, engine_args: list[str], concurrency: int, log: Path, stream: bool = True):
+        self.concurrency, self.stream = concurrency, stream
+        self.mode = "http" if stream else "http-unary"
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         missing = log.parent / "no-store"  # a missing store serves the base model unchanged
@@ -264,19 +290,29 @@ class HttpEngine:
         limit = asyncio.Semaphore(self.concurrency)
         url = self.base + "/v1/completions"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
-            async def one(prompt: str):
+            async def streamed(prompt: str) -> tuple[int, float]:
                 request = RequestFuncInput(prompt=prompt, api_url=url, prompt_len=0, output_len=max_tokens, model=self.model,
                                            ignore_eos=True, extra_body={"temperature": 0.0})
                 async with limit:
-                    return await async_request_openai_completions(request, session)
+                    out = await async_request_openai_completions(request, session)
+                if not out.success:
+                    raise RuntimeError(f"a request failed: {out.error[-500:]}")
+                return out.output_tokens, out.latency
+
+            async def unary(prompt: str) -> tuple[int, float]:
+                body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+                async with limit:
+                    begin = time.perf_counter()
+                    async with session.post(url, json=body) as response:
+                        text = await response.text()
+                        if response.status != 200:
+                            raise RuntimeError(f"a request failed: HTTP {response.status}: {text[-500:]}")
+                    return json.loads(text)["usage"]["completion_tokens"], time.perf_counter() - begin
 
             begin = time.perf_counter()
-            outputs = await asyncio.gather(*map(one, prompts))
+            outputs = await asyncio.gather(*map(streamed if self.stream else unary, prompts))
             seconds = time.perf_counter() - begin
-        failed = [o.error for o in outputs if not o.success]
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {len(outputs)} requests failed: {failed[0][-500:]}")
-        return Round(seconds, sum(o.output_tokens for o in outputs), [o.latency for o in outputs])
+        return Round(seconds, sum(tokens for tokens, _ in outputs), [latency for _, latency in outputs])
 
     def close(self) -> None:
         self.proc.terminate()
@@ -338,6 +374,9 @@ def compare(unedited, edited, mix: Mix, max_tokens: int, rounds: int) -> dict:
         for kind in ("edit", "rephrase", "unrelated"):
             hits = [r >= 0 for r, k in zip(routes, mix.kinds) if k == kind]
             out[f"routed_{kind}"] = sum(hits) / len(hits) if hits else None
+    for side, last in (("", edit_rounds[-1]), ("unedited_", base_rounds[-1])):
+        if last.cached_tokens is not None:
+            out[f"{side}cached_prompt_tokens_mean"] = float(np.mean(last.cached_tokens))
     mine, theirs = edit_rounds[-1], base_rounds[-1]
     if routes is not None and mine.tokens is not None and theirs.tokens is not None and edited is not unedited:
         # requests no edit applied to: same greedy tokens as on the unedited engine (same batch shapes,
@@ -348,20 +387,21 @@ def compare(unedited, edited, mix: Mix, max_tokens: int, rounds: int) -> dict:
     return out
 
 
+MODES = ("offline", "http", "http-unary")  # http: streaming clients; http-unary: non-streaming
 BASELINE_DTYPES = ("float32", "bfloat16")  # the transformers baseline runs in both; the faster one counts
 
 
-def transformers_bs1(store: Path | None, base: Path, prompts: list[str], max_tokens: int, dtype: str = "float32") -> float:
-    """Output tokens/s of HF `generate`, one request at a time, on the edited model (`store`; None:
-    the base model of `base`, unedited), with the base weights in `dtype` (the memory stays fp32, as
-    in the plugin). One untimed warm-up request first."""
+def transformers_bs1(store: Path | None, base: Path, prompts: list[str], max_tokens: int, dtype: str = "float32") -> list[float]:
+    """Output tokens/s of HF `generate` for each prompt, one request at a time, on the edited model
+    (`store`; None: the base model of `base`, unedited), with the base weights in `dtype` (the memory
+    stays fp32, as in the plugin). One untimed warm-up request first."""
     import gc
 
     from memserve.editor import load_reference
 
     edited = load_reference(store or base, getattr(torch, dtype))
     try:
-        tokens, seconds = 0, 0.0
+        rates = []
         for i, prompt in enumerate([prompts[0], *prompts]):
             prompt_ids = edited.encode(prompt)
             ids, attention, prompt_mask, answer_mask = edited.pad([prompt_ids], [len(prompt_ids)], left=True)
@@ -374,9 +414,8 @@ def transformers_bs1(store: Path | None, base: Path, prompts: list[str], max_tok
                 with edited.routing(prompt_mask, answer_mask):
                     out = edited.model.generate(**kwargs)
             if i:  # request 0 is the warm-up
-                seconds += time.perf_counter() - begin
-                tokens += out.shape[1] - ids.shape[1]
-        return tokens / seconds
+                rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - begin))
+        return rates
     finally:
         del edited
         gc.collect()
@@ -385,14 +424,24 @@ def transformers_bs1(store: Path | None, base: Path, prompts: list[str], max_tok
 def run_throughput(
     base: Path, edits: list[int], workdir: Path, modes: tuple[str, ...] = ("offline", "http"), requests: int = 64,
     max_tokens: int = 32, rounds: int = 6, concurrency: int = 64, hf_requests: int = 4, dtype: str = "float32",
-    log=print,
+    system_prompt: bool = False, caching_off: bool = False, log=print,
 ) -> list[dict]:
-    """One row per edit count (see module doc); `workdir` receives the synthetic stores and server logs."""
+    """One row per edit count (see module doc); `workdir` receives the synthetic stores and server logs.
+    `system_prompt`: every request is a chat turn after `SYSTEM_PROMPT`. `caching_off`: each edited
+    point is also compared with the same store served with prefix caching off (`vs_caching_off`)."""
+    from memserve.store import Store
+
     edits = sorted(set(edits))
-    settings = {"base_store": str(base), "requests": requests, "max_tokens": max_tokens, "rounds": rounds,
-                "http_concurrency": concurrency, "hf_requests": hf_requests, "dtype": dtype, "modes": list(modes),
+    with Store.open(base) as store:
+        method, base_edits = store.manifest["method"], store.num_edits
+    settings = {"base_store": str(base), "method": method, "base_store_edits": base_edits, "requests": requests,
+                "max_tokens": max_tokens, "rounds": rounds, "http_concurrency": concurrency, "hf_requests": hf_requests,
+                "dtype": dtype, "modes": list(modes), "system_prompt": SYSTEM_PROMPT if system_prompt else None,
+                "prefix_caching": "on for every engine" + ("; caching-off comparison: edited engine with it off" if caching_off else ""),
                 "machine_before": describe()}
-    mix = request_mix(base, requests)
+    mix = request_mix(base, requests, SYSTEM_PROMPT if system_prompt else None)
+    if system_prompt:
+        settings["system_prompt_tokens"] = len(store_tokenizer(base)(SYSTEM_PROMPT)["input_ids"])
     rows, stores = [], {}
     for n in edits:
         row = {"edits": n, "real_edits": 0, "synthetic_edits": 0, "synthetic": False}
@@ -406,11 +455,13 @@ def run_throughput(
     offline_args = {"dtype": dtype}
     http_args = ["--dtype", dtype]
     for mode in modes:
-        def start(n: int):
+        def start(n: int, caching: bool = True):
             store = stores.get(n)
             if mode == "offline":
-                return OfflineEngine(store, offline_args)
-            return HttpEngine(store, http_args, concurrency, workdir / f"server-{n if store else 'unedited'}.log")
+                return OfflineEngine(store, {**offline_args, "enable_prefix_caching": caching})
+            name = f"server-{mode}-{n if store else 'unedited'}{'' if caching else '-caching-off'}.log"
+            return HttpEngine(store, http_args + ([] if caching else ["--no-enable-prefix-caching"]), concurrency,
+                              workdir / name, stream=mode == "http")
 
         log(f"{mode}: starting the unedited engine")
         unedited = start(0)
@@ -421,13 +472,22 @@ def run_throughput(
                 log(f"{mode}: {n} edits (engine start {edited.startup_s:.1f} s), {rounds} rounds")
                 try:
                     result = compare(unedited, edited, mix, max_tokens, rounds)
+                    if caching_off and n:
+                        log(f"{mode}: {n} edits, prefix caching off vs on, {rounds} rounds")
+                        uncached = start(n, caching=False)
+                        try:
+                            against = compare(uncached, edited, mix, max_tokens, rounds)
+                        finally:
+                            uncached.close()
+                        result["vs_caching_off"] = {k: against[k] for k in ("ratio", "pair_ratios", "unedited_output_tok_s",
+                                                                             "unedited_rounds_tok_s", "output_tok_s", "rounds_tok_s")}
                 finally:
                     if edited is not unedited:
                         edited.close()
                 result["startup_s"], result["unedited_startup_s"] = edited.startup_s, unedited.startup_s
                 result["engine"], result["unedited_engine"] = edited.facts, unedited.facts
                 result["startup_s_per_1k_edits"] = (edited.startup_s - unedited.startup_s) / n * 1000 if n else None
-                if mode == "http":
+                if mode != "offline":
                     result["concurrency"] = concurrency
                 row[mode] = result
                 log(f"{mode}: {n} edits: {result['output_tok_s']:.1f} tok/s vs unedited {result['unedited_output_tok_s']:.1f}: x{result['ratio']:.3f}")
@@ -436,17 +496,20 @@ def run_throughput(
     if hf_requests:
         settings["transformers_bs1"] = (f"HF generate, batch 1, greedy, {max_tokens} new tokens, the first {hf_requests} "
                                         f"prompts of the mix after one warm-up, torch threads {torch.get_num_threads()}; "
-                                        f"run in {' and '.join(BASELINE_DTYPES)}, the FASTER one is the baseline")
+                                        f"run in {' and '.join(BASELINE_DTYPES)}, the FASTER median one is the baseline; "
+                                        "per-request min/median/max in transformers_bs1_by_dtype")
         for row in rows:
-            by_dtype = {}
+            by_dtype, spread = {}, {}
             for baseline_dtype in BASELINE_DTYPES:
                 log(f"transformers bs1 {baseline_dtype}: {row['edits']} edits")
-                by_dtype[baseline_dtype] = transformers_bs1(stores.get(row["edits"]), base, mix.prompts[:hf_requests],
-                                                            max_tokens, baseline_dtype)
+                rates = transformers_bs1(stores.get(row["edits"]), base, mix.prompts[:hf_requests], max_tokens, baseline_dtype)
+                by_dtype[baseline_dtype] = float(np.median(rates))
+                spread[baseline_dtype] = {"min": min(rates), "median": float(np.median(rates)), "max": max(rates),
+                                          "requests_tok_s": [round(r, 2) for r in rates]}
             fastest = max(by_dtype, key=by_dtype.get)
             row["transformers_bs1_output_tok_s"] = by_dtype[fastest]
             row["transformers_bs1_dtype"] = fastest
-            row["transformers_bs1_by_dtype"] = by_dtype
+            row["transformers_bs1_by_dtype"] = spread
     settings["machine_after"] = describe()
     primary = modes[0]
     for row in rows:
@@ -467,7 +530,8 @@ def plot_throughput(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [m for m in ("offline", "http") if m in rows[0]]
+    modes = [m for m in MODES if m in rows[0]]
+    run = rows[0].get("run", {})
     x = np.arange(len(rows))
     labels = [f"{r['edits']}" + (f"\n({r['synthetic_edits']} synthetic)" if r["synthetic"] else "") for r in rows]
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
@@ -485,31 +549,34 @@ def plot_throughput(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("edits in the store")
         ax.set_ylabel("output tokens/s")
         ax.set_ylim(bottom=0)
-        title = "offline engine (vllm.LLM)" if mode == "offline" else f"HTTP server, {rows[0][mode].get('concurrency')} concurrent clients"
+        title = "offline engine (vllm.LLM)" if mode == "offline" else (
+            f"HTTP server, {rows[0][mode].get('concurrency')} {'streaming' if mode == 'http' else 'non-streaming'} clients")
+        if run.get("system_prompt"):
+            title += f", {run.get('system_prompt_tokens')}-token system prompt"
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8, loc="lower left")
-    run = rows[0].get("run", {})
     dtype = {"float32": "fp32 eager", "bfloat16": "bf16 compiled"}.get(run.get("dtype"), run.get("dtype", "fp32"))
-    fig.suptitle(f"memserve throughput vs edits (MEMOIR, SmolLM2-135M {dtype}, 2-core CPU)", fontsize=10)
+    fig.suptitle(f"memserve throughput vs edits ({run.get('method', 'memoir').upper()}, SmolLM2-135M {dtype}, 2-core CPU)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def default_base_store() -> Path:
-    """The cached store of 24 real edits the serving tests use (trained once when missing)."""
-    from memserve.serving.testing import cached_store
-
-    return cached_store(24)
-
-
 def main_throughput(base: Path | None, edits: list[int], json_out: Path | None, plot: Path | None,
-                    workdir: Path | None = None, **options) -> list[dict]:
-    """The whole benchmark: stores in `workdir` (a temporary directory, removed, when None)."""
+                    workdir: Path | None = None, facts: Path | None = None, method: str = "memoir",
+                    **options) -> list[dict]:
+    """The whole benchmark: stores in `workdir` (a temporary directory, removed, when None). The base
+    store is `base`, else the largest of `edits` real edits of `facts`, else the 24-edit test store
+    (both trained once when missing, then cached)."""
     import tempfile
 
-    base = Path(base) if base else default_base_store()
+    from memserve.serving.testing import cached_store
+
+    if base:
+        base = Path(base)
+    else:
+        base = cached_store(max(edits), method, facts) if facts else cached_store(24, method)
     temp = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="memserve-bench-")) if temp else Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ def test_bench_throughput_tiny(tmp_path):
     out = tmp_path / "t.json"
     result = CliRunner().invoke(app, [
         "bench", "throughput", "--edits", "0,30", "--modes", "offline", "--requests", "4", "--max-tokens", "4",
-        "--rounds", "1", "--hf-requests", "1", "--json", str(out), "--plot", str(tmp_path / "t.png"),
+        "--rounds", "1", "--hf-requests", "2", "--system-prompt", "--caching-off", "--json", str(out),
+        "--plot", str(tmp_path / "t.png"),
     ])
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
@@ -44,4 +45,10 @@ def test_bench_throughput_tiny(tmp_path):
         assert {"latency_p50_s", "latency_p99_s", "startup_s", "routed_edit"} <= set(row["offline"])
     assert rows[1]["synthetic"] and rows[1]["store_bytes_per_edit"] > 0
     assert rows[1]["offline"]["routed_edit"] > 0  # the real edits of the base store are hit
+    # the system prompt is read from the prefix cache with and without edits; caching off is measured
+    assert rows[1]["offline"]["cached_prompt_tokens_mean"] >= 128 and rows[1]["offline"]["unedited_cached_prompt_tokens_mean"] >= 128
+    assert rows[1]["offline"]["vs_caching_off"]["ratio"] > 0 and "vs_caching_off" not in rows[0]["offline"]
+    baseline = rows[0]["transformers_bs1_by_dtype"]["float32"]
+    assert baseline["min"] <= baseline["median"] <= baseline["max"] and len(baseline["requests_tok_s"]) == 2
+    assert rows[0]["run"]["system_prompt_tokens"] >= 200
     assert (tmp_path / "t.png").stat().st_size > 0

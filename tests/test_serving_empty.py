@@ -59,9 +59,10 @@ def test_empty_store_serves_like_plain_vllm(empty_store, plain_outputs):
 
     model = VllmEditedModel(empty_store)
     try:
-        assert model.kwargs["enable_prefix_caching"] is True  # nothing to route: keep vLLM's default
-        assert model.llm.apply_model(lambda m: type(m).__name__ + ":" + str(m.memserve_runtime))[0] == \
-            "MemserveLlamaForCausalLM:None"
+        assert model.kwargs["enable_prefix_caching"] is True
+        # wrapped all the same, so edits committed later arrive by hot reload
+        assert model.llm.apply_model(lambda m: (type(m).__name__, m.memserve_runtime.memory.num_edits))[0] == \
+            ("MemserveLlamaForCausalLM", 0)
         assert greedy(model.llm, PROMPTS) == plain_outputs
         _, routes = model.generate([[1, 2, 3]], 2)
         assert routes == [-1]

@@ -276,7 +276,7 @@ def test_server_argv_defaults_and_overrides(tmp_path):
 
     argv = build_argv(tmp_path / "missing", "127.0.0.1", 8000)
     assert argv[argv.index("--dtype") + 1] == "float32" and "--enforce-eager" in argv
-    assert "--no-enable-prefix-caching" not in argv  # no edits: nothing to protect
+    assert "--no-enable-prefix-caching" not in argv  # caching stays on for every store
     overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
     assert overrides["architectures"] == ["MemserveLlamaForCausalLM"]
     assert argv[argv.index("--served-model-name") + 1] == "SmolLM2-135M-Instruct"
@@ -298,3 +298,40 @@ def test_server_gives_the_model_worker_every_core_of_a_small_machine(monkeypatch
         monkeypatch.setattr(server.os, "environ", environ)  # this test's copy: the others' is untouched
         server._prepare_environment()
         assert environ[server.RESERVED_CPU_ENV] == served
+
+
+def test_block_hashes_are_private_from_the_routing_span_on():
+    """vLLM's own request block hasher with the salting patch: two requests with the same tokens
+    share the blocks that end at or before their salt position, and no block after it; a request
+    without a salt position (a plain engine's) hashes exactly as vLLM does."""
+    from types import SimpleNamespace
+
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core import kv_cache_utils
+
+    from memserve.serving import prefix_cache
+
+    prefix_cache.install()
+    hasher = kv_cache_utils.get_request_block_hasher(16, sha256)
+    kv_cache_utils.init_none_hash(sha256)
+    chat = SimpleNamespace(routing_span=lambda prompt: (40, len(prompt)))  # a routing span from position 40 on
+    tokens = list(range(100, 180))
+
+    def hashes(request_id: str, salt: prefix_cache.PrefixSalt | None):
+        request = SimpleNamespace(request_id=request_id, prompt_token_ids=tokens, all_token_ids=tokens,
+                                  num_tokens=len(tokens), block_hashes=[], mm_features=None, lora_request=None,
+                                  cache_salt=None, prompt_embeds=None, sampling_params=None)
+        return (salt.wrap(hasher) if salt else hasher)(request)
+
+    salt = prefix_cache.PrefixSalt(chat, acts_on_all=False)
+    a, b = hashes("a", salt), hashes("b", salt)
+    assert len(a) == 5 and a[:2] == b[:2] and all(x != y for x, y in zip(a[2:], b[2:]))  # blocks end 16, 32 | 48..
+    assert hashes("a", None) == hashes("b", None)  # unsalted: vLLM's hashes
+    assert hashes("a", None)[:2] == a[:2]
+    everything = prefix_cache.PrefixSalt(None, acts_on_all=True)  # the memory acts on prompt tokens too
+    assert all(x != y for x, y in zip(hashes("a", everything), hashes("b", everything)))
+    # memserve_prompt_len routes on a shorter prompt: the span is found in it
+    seen = []
+    short = prefix_cache.PrefixSalt(SimpleNamespace(routing_span=lambda p: (seen.append(len(p)) or 0, len(p))), False)
+    assert short.salt_from(tokens, {"memserve_prompt_len": 30}) == 0 and seen == [30]
+    assert short.salt_from(tokens, {"memserve_prompt_len": "x"}) == 0 and seen[-1] == len(tokens)

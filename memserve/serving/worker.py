@@ -31,6 +31,6 @@ class MemserveWorkerExtension:
         """Serve the store's current version now (refused if built for other weights); the status."""
         watcher = self._memserve("memserve_watcher")
         if watcher is None:
-            return {**self.memserve_status(), "error": "this server cannot reload: it started without a store, "
-                    "or on an empty store with prefix caching on; restart it to serve edits"}
+            return {**self.memserve_status(), "error": "this server cannot reload: it started without a "
+                    "store; restart it to serve edits"}
         return {**watcher.check(force=True), "reload": True}

@@ -40,6 +40,19 @@ def _user_errors():
     return (FactsError, ModelError, StoreError, ValueError, OSError)
 
 
+def _provenance() -> dict:
+    """Who runs this command, kept with what it commits (`store log`)."""
+    import getpass
+    import shlex
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (containers)
+        user = str(os.getuid())
+    return {"user": user, "host": socket.gethostname(), "command": shlex.join(["memserve", *sys.argv[1:]])}
+
+
 def _parse_settings(settings: list[str]) -> dict:
     values = {}
     for item in settings:
@@ -64,7 +77,10 @@ def edit(
     settings: List[str] = typer.Option([], "--set", help="Method option for a new store, e.g. --set tau=0.6."),
     skip_invalid: bool = typer.Option(False, help="Edit the good rows and report the bad ones."),
 ):
-    """Learn facts into the store, one edit after another (resumable: stored facts are skipped)."""
+    """Learn facts into the store, one edit after another (resumable: stored facts are skipped).
+
+    Example: memserve edit facts.jsonl --store ./memstore
+    """
     from memserve.editor import open_session
     from memserve.facts import read_facts
 
@@ -91,7 +107,7 @@ def edit(
             progress.console.print(f"{fact.where}: {state} edit {record['id']} (version {record['version']}{replaces})", highlight=False, soft_wrap=True)
 
         try:
-            report = runner.apply(facts, progress=advance)
+            report = runner.apply(facts, progress=advance, by=_provenance())
         except _user_errors() as exc:
             fail(str(exc))
         finally:
@@ -115,7 +131,10 @@ def eval_(
     unedited: Optional[Path] = typer.Option(None, help="Facts file of questions nobody edited (e.g. same-template "
                                             "questions about other subjects): share reaching an edit, answers unchanged."),
 ):
-    """Rel / Gen / Loc (and perplexity, generation accuracy) on the store's final model."""
+    """Rel / Gen / Loc (and perplexity, generation accuracy) on the store's final model.
+
+    Example: memserve eval facts.jsonl --store ./memstore --json metrics.json
+    """
     from memserve.evaluate import evaluate_store
     from memserve.facts import read_facts
 
@@ -123,7 +142,9 @@ def eval_(
         facts, _ = read_facts(facts_file)
         facts = facts[:limit] if limit else facts
         probes = read_facts(unedited, skip_invalid=True)[0] if unedited else []
-        result = evaluate_store(store, facts, backend=backend, generation=generation, unedited=probes)
+        with console.status("loading the store and model") as status:
+            result = evaluate_store(store, facts, backend=backend, generation=generation, unedited=probes,
+                                    progress=lambda phase: status.update(phase))
     except _user_errors() as exc:
         fail(str(exc))
     table = Table(title=f"{result['method']} · {result['n']} facts · backend {result['backend']}")
@@ -148,7 +169,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000),
 ):
-    """OpenAI-compatible server (vLLM) answering with the store's edits. Extra options go to vLLM."""
+    """OpenAI-compatible server (vLLM) answering with the store's edits. Extra options go to vLLM.
+
+    Example: memserve serve --store ./memstore --port 8000 --max-num-seqs 64
+    """
     from memserve.serving import serve as run_server
 
     try:
@@ -157,9 +181,56 @@ def serve(
         fail(str(exc))
 
 
+@app.command("route")
+def route(
+    question: str = typer.Argument(..., help="The question, as a client would send it."),
+    store: Path = STORE_OPTION,
+    chat: bool = typer.Option(False, "--chat", help="Ask it as a chat turn (what /v1/chat/completions sends)."),
+    top: int = typer.Option(5, min=1, help="How many of the nearest edits to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print the explanation as JSON."),
+):
+    """Which edit a question reaches and why, without generating: the nearest edits' scores against
+    the threshold, and the decision (the method's own routing rule, as served).
+
+    Example: memserve route "What is the capital of Kenya?" --chat --store ./memstore
+    """
+    from memserve.editor import load_reference
+    from memserve.store import Store
+
+    try:
+        edited = load_reference(store)
+        result = edited.explain(edited.chat.format(question) if chat else edited.encode(question), top)
+        if edited.memory.routes_are_edits:  # name the facts behind the edits
+            with Store.open(store) as opened:
+                for entry in [result, *result["candidates"]]:
+                    if entry["route"] >= 0:
+                        fact = opened.record(entry["route"])["fact"]
+                        entry.update(prompt=fact["prompt"], target=fact["target"])
+    except _user_errors() as exc:
+        fail(str(exc))
+    result = {"question": question, "chat": chat, "method": edited.memory.method, **result}
+    if as_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    table = Table(title=f"nearest {len(result['candidates'])} of {edited.memory.num_edits} edits ({result['method']})")
+    for column in ("edit", "score", "threshold", "passes", "edited fact"):
+        table.add_column(column)
+    for entry in result["candidates"]:
+        fact = f"{entry['prompt']} -> {entry['target']}" if "prompt" in entry else ""
+        table.add_row(entry["edit"], f"{entry['score']:.3f}", f"{entry['threshold']:.3f}", "yes" if entry["passes"] else "no", fact)
+    Console().print(table)
+    if result["route"] >= 0:
+        print(f"decision: {result['edit']} (score {result['score']:.3f})" + (f": {result['prompt']} -> {result['target']}" if "prompt" in result else ""))
+    else:
+        print(f"decision: no edit (best score {result['score']:.3f} is below every threshold)")
+
+
 @app.command()
 def demo(store: Path = typer.Option("./memstore-demo", "--store")):
-    """Edit the bundled example facts and show base vs edited answers."""
+    """Edit the bundled example facts and show base vs edited answers.
+
+    Example: memserve demo --store ./memstore-demo
+    """
     from memserve.demo import run_demo
 
     try:
@@ -170,7 +241,10 @@ def demo(store: Path = typer.Option("./memstore-demo", "--store")):
 
 @model_app.command("prepare")
 def model_prepare(force: bool = typer.Option(False, help="Rebuild even if cached.")):
-    """Prepare the embedded default model (once) and print its directory."""
+    """Prepare the embedded default model (once) and print its directory.
+
+    Example: memserve model prepare
+    """
     from memserve.models import prepare_default_model
 
     try:
@@ -197,7 +271,10 @@ def _open_store(store: Path, write: bool = False):
 
 @store_app.command("info")
 def store_info(store: Path = STORE_OPTION, as_json: bool = typer.Option(False, "--json")):
-    """Model, method, layer, number of edits and version."""
+    """Model, method, layer, number of edits and version.
+
+    Example: memserve store info --store ./memstore --json
+    """
     with _open_store(store) as opened:
         info = opened.info()
     if as_json:
@@ -209,7 +286,10 @@ def store_info(store: Path = STORE_OPTION, as_json: bool = typer.Option(False, "
 
 @store_app.command("list")
 def store_list(store: Path = STORE_OPTION, limit: int = typer.Option(50, min=1)):
-    """The stored edits, oldest first."""
+    """The stored edits, oldest first.
+
+    Example: memserve store list --store ./memstore --limit 20
+    """
     table = Table()
     for column in ("id", "prompt", "target", "loss", "steps", "seconds"):
         table.add_column(column)
@@ -223,15 +303,91 @@ def store_list(store: Path = STORE_OPTION, limit: int = typer.Option(50, min=1))
 
 
 @store_app.command("show")
-def store_show(edit_id: int, store: Path = STORE_OPTION):
-    """One edit's full record."""
+def store_show(
+    edit_id: int,
+    store: Path = STORE_OPTION,
+    neighbours: int = typer.Option(3, min=0, help="Other edits whose routing keys are nearest to this one's."),
+    server: Optional[str] = typer.Option(None, help="A running `memserve serve` (http://host:port): add this edit's hit count from its /metrics."),
+):
+    """One edit: its record (training fact, source, who made it), the edits its routing keys could be
+    confused with, and how often a server routed requests to it.
+
+    Example: memserve store show 3 --store ./memstore --server http://127.0.0.1:8000
+    """
     with _open_store(store) as opened:
-        print(json.dumps(opened.record(edit_id), indent=2, ensure_ascii=False))
+        record = opened.record(edit_id)
+        out = {"record": record, "nearest_edits": _key_neighbours(opened, edit_id, neighbours)}
+    if server:
+        out["hits"] = _served_hits(server, edit_id)
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+
+
+def _key_neighbours(opened, edit_id: int, count: int) -> list[dict]:
+    """Other edits sharing the most active bits with any routing key of `edit_id` (MEMOIR keys)."""
+    if not count or opened.manifest["method"] != "memoir":
+        return []
+    keys, owners = opened.routing_keys(opened.manifest["intermediate_size"])
+    best: dict[int, int] = {}
+    for key in keys[owners == edit_id]:
+        for other, shared in opened.nearest(key, count + len(keys[owners == edit_id]) + 1):
+            if other != edit_id:
+                best[other] = max(best.get(other, 0), shared)
+    top_k = opened.manifest["config"]["top_k"]
+    ranked = sorted(best.items(), key=lambda item: -item[1])[:count]
+    return [{"edit": other, "shared_bits": shared, "overlap": shared / top_k, "prompt": opened.record(other)["fact"]["prompt"]}
+            for other, shared in ranked]
+
+
+def _served_hits(server: str, edit_id: int) -> float | None:
+    """`memserve_edit_hits_total` of this edit on `server`'s /metrics (None: not among the exported ones)."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(server.rstrip("/") + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        fail(f"{server}/metrics: {exc}")
+    found = re.search(rf'^memserve_edit_hits_total{{edit="edit-{edit_id}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else None
+
+
+@store_app.command("log")
+def store_log(store: Path = STORE_OPTION, as_json: bool = typer.Option(False, "--json")):
+    """Every version: when, what (edit, rollback, ...), which fact from which file and line, and who
+    ran which command.
+
+    Example: memserve store log --store ./memstore
+    """
+    with _open_store(store) as opened:
+        entries = opened.log()
+    if as_json:
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
+        return
+    table = Table()
+    for column in ("version", "time", "op", "what", "source", "by"):
+        table.add_column(column)
+    for entry in entries:
+        record = entry.get("record") or {}
+        by = record.get("by") or entry.get("by") or {}
+        if record:
+            what = f"edit {record['id']}: {record['fact']['prompt'][:50]} -> {record['fact']['target'][:30]}"
+        elif entry["op"] == "rollback":
+            what = f"rollback to version {entry['to']}"
+        else:
+            what = f"{entry['edits']} edits"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
+        who = f"{by['user']}@{by['host']}: {by['command']}" if by else ""
+        table.add_row(str(entry["version"]), when, entry["op"], what, record.get("source", ""), who)
+    Console().print(table)
 
 
 @store_app.command("verify")
 def store_verify(store: Path = STORE_OPTION):
-    """Check every record, tensor and index entry; exit 1 on any problem."""
+    """Check every record, tensor and index entry; exit 1 on any problem.
+
+    Example: memserve store verify --store ./memstore
+    """
     with _open_store(store) as opened:
         problems = opened.verify(width=opened.manifest.get("intermediate_size"))
         summary = f"ok: {opened.num_edits} edits, version {opened.version}"
@@ -244,7 +400,10 @@ def store_verify(store: Path = STORE_OPTION):
 
 @store_app.command("versions")
 def store_versions(store: Path = STORE_OPTION):
-    """The kept versions: what made each one and how many edits it had (* = current)."""
+    """The kept versions: what made each one and how many edits it had (* = current).
+
+    Example: memserve store versions --store ./memstore
+    """
     table = Table()
     for column in ("version", "made by", "edits", "time", "rollback"):
         table.add_column(column)
@@ -260,27 +419,36 @@ def store_versions(store: Path = STORE_OPTION):
 
 @store_app.command("rollback")
 def store_rollback(to: int = typer.Option(..., "--to", help="Version to return to (see `store versions`)."), store: Path = STORE_OPTION):
-    """Make an earlier version current again, as a new version (later edits stay recoverable)."""
+    """Make an earlier version current again, as a new version (later edits stay recoverable).
+
+    Example: memserve store rollback --to 12 --store ./memstore
+    """
     with _open_store(store, write=True) as opened:
-        version = opened.rollback(to)
+        version = opened.rollback(to, by=_provenance())
         print(f"version {version}: the edits and memory of version {to} ({opened.num_edits} edits)")
 
 
 @store_app.command("export")
 def store_export(file: Path = typer.Argument(..., help="File to write (a tar: JSON header + compacted LMDB)."), store: Path = STORE_OPTION):
-    """Write the whole store (edits, memory, history) as one portable file."""
-    with _open_store(store) as opened:
+    """Write the whole store (edits, memory, history) as one portable file.
+
+    Example: memserve store export backup.memstore --store ./memstore
+    """
+    with _open_store(store) as opened, console.status(f"exporting {opened.num_edits} edits to {file}"):
         header = opened.export(file)
     print(f"{file}: {header['edits']} edits, version {header['version']}, {file.stat().st_size} bytes")
 
 
 @store_app.command("import")
 def store_import(file: Path = typer.Argument(..., help="A file written by `store export`."), store: Path = STORE_OPTION):
-    """Create a store from an exported file (checked before it appears at --store)."""
+    """Create a store from an exported file (checked before it appears at --store).
+
+    Example: memserve store import backup.memstore --store ./restored
+    """
     from memserve.store import Store
 
     try:
-        with Store.import_file(file, store) as imported:
+        with console.status(f"checking and importing {file}"), Store.import_file(file, store) as imported:
             print(f"{store}: {imported.num_edits} edits, version {imported.version}")
     except _user_errors() as exc:
         fail(str(exc))
@@ -306,7 +474,10 @@ def bench_throughput(
     workdir: Optional[Path] = typer.Option(None, help="Keep the synthetic stores and server logs here (default: a removed temp dir)."),
 ):
     """Output tokens/s and latency with N edits vs the unedited engine of the same run (same engine
-    options on both sides, prefix caching on)."""
+    options on both sides, prefix caching on).
+
+    Example: memserve bench throughput --edits 0,1000 --system-prompt --caching-off --json out.json
+    """
     from memserve.bench import MODES, main_throughput
     from memserve.methods import METHODS
 

@@ -2,11 +2,16 @@
 
 For every edit count N the served model runs one request mix against the UNEDITED engine of the same
 run, in adjacent pairs of rounds, so the load of a shared machine falls on both alike: the ratio (median
-over pairs) is the result, absolute tokens/s are machine-dependent. Two paths:
+over pairs) is the result, absolute tokens/s are machine-dependent. Both engines run with the same
+engine options (prefix caching on, as served). Paths:
 - offline: `VllmEditedModel` (vllm.LLM + plugin, in-process engine in a worker process), all requests
   submitted at once; latency = engine queue -> last token;
 - http: `memserve serve` subprocesses driven by concurrent streaming clients through vLLM's own
-  benchmark request function (`vllm.benchmarks.lib.endpoint_request_func`).
+  benchmark request function (`vllm.benchmarks.lib.endpoint_request_func`);
+- http-unary: the same with non-streaming requests (the server buffers each body for its route report).
+Workloads: the mix below, or (`system_prompt`) the same questions as chat turns after one shared
+~210-token system prompt; `caching_off` also compares each edited engine with itself with prefix
+caching off. A base store of real edits can be trained from a facts file once and cached (`--facts`).
 The EasyEdit-style baseline is transformers `generate`, batch size 1, on the same edited model, run in
 fp32 and in bf16 (base weights cast, memory fp32); the faster of the two is the baseline.
 Each engine's JSON entry says what really ran (`engine`: weight dtype, compiled or eager, memory

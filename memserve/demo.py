@@ -1,17 +1,26 @@
-"""`memserve demo`: edit a few bundled facts, serve the store with vLLM, ask before and after."""
+"""`memserve demo`: edit a few bundled facts, serve the store with vLLM, ask before and after.
+
+Questions go in as chat turns (the model's chat template, as `/v1/chat/completions` sends them):
+each edited question, a rephrase of each, and questions of the same shape that nobody edited, which
+must keep the base model's answer.
+"""
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from .editor import open_session
+from .editor import open_session, store_model_dir
 from .facts import read_facts
 
-UNRELATED = "What is the largest ocean on Earth?"
+# Same shape as the edited questions, never edited: their answers must not change.
+NEIGHBOURS = ["In which city is the Eiffel Tower located?", "What is the capital of Canada?",
+              "What is the largest ocean on Earth?"]
+MAX_TOKENS = 24
 
 
 def run_demo(store: Path) -> None:
@@ -21,23 +30,35 @@ def run_demo(store: Path) -> None:
     console.print(f"Editing {len(facts)} facts into {store} (MEMOIR, embedded SmolLM2-135M-Instruct)...")
     runner = open_session(store, facts=facts)
     report = runner.apply(facts)
+    chat = runner.edited.chat
     tokenizer = runner.edited.tokenizer
+    from .models import model_id, resolve_model
+
+    served_name = model_id(resolve_model(store_model_dir(runner.store)))
     runner.store.close()
     console.print(f"{report.added} new edits, {report.skipped} already in the store. Starting vLLM on the store...")
 
     from .serving import vllm_backend
 
     engine = vllm_backend(str(store))
-    questions = [f.prompt for f in facts] + [f.rephrases[0] for f in facts if f.rephrases] + [UNRELATED]
-    prompts = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in questions]
-    base, _ = engine.generate(prompts, 16, use_memory=False)
-    edited, routes = engine.generate(prompts, 16)
+    asked = [(f.prompt, "edited") for f in facts] + [(f.rephrases[0], "rephrase") for f in facts if f.rephrases]
+    asked += [(q, "not edited") for q in NEIGHBOURS]
+    prompts = [chat.format(question) for question, _ in asked]
+    base, _ = engine.generate(prompts, MAX_TOKENS, use_memory=False)
+    edited, routes = engine.generate(prompts, MAX_TOKENS)
     labels = engine.route_labels(routes)
-    table = Table(title="Greedy answers through vLLM: base model vs edited model")
-    for column in ("question", "base", "edited", "edit used"):
+    table = Table(title="Chat answers through vLLM (greedy): base model vs edited model")
+    for column in ("question", "", "base model", "edited model", "edit used"):
         table.add_column(column)
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip() or "(ends at once)"  # noqa: E731
-    for question, b, n, label in zip(questions, base, edited, labels):
-        table.add_row(question, decode(b), decode(n), label)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip() or "(empty)"  # noqa: E731
+    for (question, kind), b, n, label in zip(asked, base, edited, labels):
+        same = " (unchanged)" if b == n else ""
+        table.add_row(question, kind, decode(b), decode(n) + same, label)
     console.print(table)
-    console.print(f"Serve it over HTTP (OpenAI API): .venv/bin/memserve serve --store {store}")
+    body = {"model": served_name, "messages": [{"role": "user", "content": facts[-1].rephrases[0] if facts[-1].rephrases
+                                                else facts[-1].prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
+    console.print("Serve it over HTTP (OpenAI API):", highlight=False)
+    console.print(f"  .venv/bin/memserve serve --store {store}", highlight=False)
+    console.print("then, in another shell:", highlight=False)
+    console.print(f"  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+                  f"-d '{json.dumps(body)}'", highlight=False, soft_wrap=True)

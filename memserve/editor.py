@@ -87,9 +87,11 @@ class EditSessionRunner:
         self.prefixes: list[str] = store.manifest["prefixes"]
         self.out_of_scope = background_prompts()
 
-    def apply(self, facts: list[Fact], progress: Callable[[Fact, str, dict], None] | None = None, naive: bool = False) -> EditReport:
+    def apply(self, facts: list[Fact], progress: Callable[[Fact, str, dict], None] | None = None, naive: bool = False,
+              by: dict | None = None) -> EditReport:
         """Edit `facts` in order; `progress(fact, "added" | "skipped", record)` follows each one, an
-        added record being already committed."""
+        added record being already committed. Each record keeps the fact's file and line (`source`)
+        and `by` (who asked: user, host, command) for the store's log."""
         report = EditReport()
         for fact in facts:
             stored = self.store.find(fact.key)
@@ -108,6 +110,7 @@ class EditSessionRunner:
             record = {
                 "fact_key": fact.key, "prompt_key": fact.prompt_key, "fact": payload, "content_hash": content_hash(payload),
                 "loss": outcome.loss, "steps": outcome.steps, "seconds": outcome.seconds, **outcome.record,
+                "source": fact.where, **({"by": by} if by else {}),
             }
             edit_id = self.store.commit_edit(record, key, self.edited.memory.state_tensors(), self.version)
             self.version += 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,7 @@ def _mean(values: list) -> float | None:
 
 def evaluate(
     edited: EditedModel, backend: Backend, facts: list[Fact], edit_ids: list[int | None], generation: bool = True,
-    chat: bool = True, unedited: list[Fact] = (),
+    chat: bool = True, unedited: list[Fact] = (), progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Metrics for `facts` on the backend's current model. `edit_ids[i]` is the stored edit of fact i.
     With `chat` (and a tokenizer with a chat template) the same metrics on every probe asked as a chat
@@ -98,8 +98,13 @@ def evaluate(
         forms["chat"] = (lambda p, a: chat_prompt_and_answer(edited, p, a), edited.chat.format)
     result: dict = {}
     for form, (encode, encode_prompt) in forms.items():
+        if progress:
+            progress(f"{len(facts)} facts asked {'as written' if form == 'written' else 'as chat turns'}: "
+                     f"Rel, Gen, Loc{', generation' if generation else ''}")
         metrics = _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt)
         if unedited:
+            if progress:
+                progress(f"{len(unedited)} never-edited questions ({form})")
             metrics["unedited"] = unedited_metrics(backend, unedited, encode)
         if form == "written":
             result.update(metrics)
@@ -202,9 +207,9 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
 
 
 def evaluate_store(store_path, facts: list[Fact], backend: str = "hf", generation: bool = True,
-                   unedited: list[Fact] = ()) -> dict:
+                   unedited: list[Fact] = (), progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate `facts` (and the never-edited questions `unedited`) on the final model of the store at
-    `store_path` (opened read-only)."""
+    `store_path` (opened read-only). `progress(phase)` is told what runs now."""
     from memserve.store import Store
 
     from .editor import load_memory, store_model_dir
@@ -224,6 +229,6 @@ def evaluate_store(store_path, facts: list[Fact], backend: str = "hf", generatio
         from .serving import vllm_backend
 
         runner = vllm_backend(str(store_path))
-    result = evaluate(edited, runner, facts, edit_ids, generation=generation, unedited=unedited)
+    result = evaluate(edited, runner, facts, edit_ids, generation=generation, unedited=unedited, progress=progress)
     result.update(method=manifest["method"], edits_in_store=edits, backend=backend)
     return result

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .chat import ChatFormat
-from .methods import NO_ROUTE, EditMemory, mean_prompt_stats
+from .methods import NO_ROUTE, EditMemory, mean_prompt_stats, route_explanation
 from .models import down_proj
 
 
@@ -110,6 +110,14 @@ class EditedModel:
         with self.routing(prompt_mask, answer_mask) as state:
             out = self.model(input_ids=ids, attention_mask=attention.long()).logits
         return out, state.routes
+
+    @torch.no_grad()
+    def explain(self, prompt_ids: list[int], top: int = 5) -> dict:
+        """How one prompt is routed (`methods.route_explanation`), without generating."""
+        ids, attention, prompt_mask, answer_mask = self.pad([prompt_ids], [len(prompt_ids)])
+        with self.routing(prompt_mask, torch.zeros_like(answer_mask)) as state:
+            self.model(input_ids=ids, attention_mask=attention.long())
+        return route_explanation(self.memory, state.mean_stats[0], top)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, use_memory: bool = True, min_new_tokens: int = 0):

@@ -420,10 +420,21 @@ class Store:
         self._dbs = dbs
         return ids
 
-    def rollback(self, target: int) -> int:
+    def log(self) -> list[dict]:
+        """Every kept version, oldest first, with the record of the edit that made it (when one did):
+        what changed, when, and who asked (the `by` a command recorded)."""
+        entries = self.versions()
+        with self.env.begin() as txn:
+            for entry in entries:
+                journal = txn.get(_id_key(entry["version"]), db=self._dbs["journal"])
+                if journal is not None:
+                    entry["record"] = json.loads(journal)["record"]
+        return entries
+
+    def rollback(self, target: int, by: dict | None = None) -> int:
         """Make version `target`'s edits and memory tensors current again, as a new version (returned).
         Nothing is deleted: the rolled-back edits stay in the journal and their versions in the
-        history, so rolling back to a later version brings them back."""
+        history, so rolling back to a later version brings them back. `by`: who asked (kept in the log)."""
         try:
             with self.env.begin(write=True) as txn:
                 dbs = self._write_dbs(txn)
@@ -447,7 +458,8 @@ class Store:
                     journal = json.loads(txn.get(_id_key(commit_version), db=dbs["journal"]))
                     _put_edit(txn, dbs, journal["record"], None if journal["key"] is None else bytes.fromhex(journal["key"]))
                 tensors = {name: state.get(name) for name in set(state) | set(old)}
-                _put_state(txn, dbs, current + 1, current, tensors, {"op": "rollback", "to": target, "edits": len(active)})
+                entry = {"op": "rollback", "to": target, "edits": len(active), **({"by": by} if by else {})}
+                _put_state(txn, dbs, current + 1, current, tensors, entry)
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: rollback not done: {exc}") from None
         self._dbs = dbs

@@ -100,3 +100,58 @@ def test_console_script_is_installed():
     assert exe.exists()
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
     assert out.returncode == 0 and "edit" in out.stdout and "serve" in out.stdout
+
+
+def test_route_explains_the_decision_with_the_nearest_edits(tiny_store):
+    from .conftest import FACTS
+
+    base, _ = tiny_store
+    result = invoke("route", FACTS[1]["prompt"], "--store", base / "store", "--top", "2", "--json")
+    assert result.exit_code == 0, result.output
+    explained = json.loads(result.stdout)
+    # an edited question reaches its own edit, which is the nearest and passes the threshold
+    assert explained["route"] == 1 and explained["prompt"] == FACTS[1]["prompt"] and explained["target"] == FACTS[1]["target"]
+    first = explained["candidates"][0]
+    assert len(explained["candidates"]) == 2 and first["route"] == 1 and first["passes"] and first["score"] == explained["score"]
+    assert explained["candidates"][1]["score"] <= first["score"]
+    table = invoke("route", FACTS[1]["prompt"], "--store", base / "store")
+    assert table.exit_code == 0 and "decision: edit-1" in table.output
+    assert invoke("route", "Q?", "--store", base / "missing").exit_code != 0
+
+
+def test_store_log_and_show_say_who_changed_what_and_what_an_edit_may_be_confused_with(tmp_path, tiny_model_dir):
+    import socket
+
+    facts = write_facts(tmp_path / "facts.jsonl", FACTS[:2])
+    store = tmp_path / "store"
+    assert invoke("edit", facts, "--store", store, "--model", tiny_model_dir, *settings(steps=3)).exit_code == 0
+    assert invoke("store", "rollback", "--to", "1", "--store", store).exit_code == 0
+    log = json.loads(invoke("store", "log", "--store", store, "--json").output)
+    edits = [e for e in log if e["op"] == "edit"]
+    assert [e["record"]["source"] for e in edits] == [f"{facts}:1", f"{facts}:2"]
+    assert all(e["record"]["by"]["host"] == socket.gethostname() and e["record"]["by"]["command"].startswith("memserve")
+               for e in edits)
+    assert log[-1]["op"] == "rollback" and log[-1]["to"] == 1 and log[-1]["by"]["user"]
+    table = invoke("store", "log", "--store", store)
+    assert table.exit_code == 0 and "rollback" in table.output  # (a narrow terminal wraps the cells)
+    invoke("store", "rollback", "--to", "2", "--store", store)  # both edits current again
+    shown = json.loads(invoke("store", "show", "0", "--store", store).output)
+    assert shown["record"]["fact"]["prompt"] == FACTS[0]["prompt"]
+    assert [n["edit"] for n in shown["nearest_edits"]] == [1] and 0 < shown["nearest_edits"][0]["overlap"] <= 1
+
+
+def test_every_command_help_has_an_example():
+    import typer.main
+
+    def paths(group, prefix=()):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):  # a group
+                yield from paths(command, (*prefix, name))
+            else:
+                yield (*prefix, name)
+
+    found = list(paths(typer.main.get_command(app)))
+    assert len(found) >= 15
+    for path in found:
+        result = invoke(*path, "--help")
+        assert result.exit_code == 0 and "Example:" in result.output, path

@@ -235,3 +235,36 @@ def test_memoir_bf16_delta_uses_a_fresh_copy_of_the_residual():
     assert first.dtype == torch.bfloat16 and torch.allclose(first.float(), memory.delta(a, routes), rtol=0.05, atol=0.05)
     memory.residual[:, :] *= 2  # an in-place write (as `finish` does) must not serve the stale copy
     assert torch.allclose(memory.delta(a.bfloat16(), routes).float(), 2 * first.float(), rtol=0.02, atol=0.02)
+
+
+def test_route_explanation_agrees_with_the_routing_rule():
+    """`route_explanation` (what `memserve route` and the server show) names the slot `route`
+    picks first, with that slot's score; for both methods, routed and not."""
+    from memserve.methods import route_explanation
+
+    memory = memoir(k=16, tau=0.5)
+    a = torch.randn(4, I)
+    for row in a[:3]:
+        memory.add_edit(memory.key(row[None]))
+    memory.add_edit(memory.key(a[:1]))  # edit 3 re-edits edit 0's prompt: the newest wins the tie
+    for row in a:
+        route, score = (x.item() for x in memory.route(row[None]))
+        explained = route_explanation(memory, row, top=4)
+        first = explained["candidates"][0]
+        assert explained["route"] == route and abs(explained["score"] - score) < 1e-6
+        assert first["score"] == max(c["score"] for c in explained["candidates"]) and first["threshold"] == 0.5
+        if route >= 0:
+            assert first["route"] == route and first["passes"]
+        else:
+            assert not any(c["passes"] for c in explained["candidates"])
+    assert route_explanation(memory, a[0], top=4)["route"] == 3
+    for margin_pick, expected in ((True, 0), (False, 1)):
+        base = torch.randn(H, I)
+        wise = WiseMemory(WiseConfig(layer=0, score="tokens", margin_pick=margin_pick), base)
+        wise.memories = torch.stack([base, base, base])
+        wise.memory_eps = torch.tensor([1.0, 10.0, 50.0])
+        wise.memory_is_shard = torch.tensor([False, False, False])
+        wise._routable = None
+        explained = route_explanation(wise, torch.tensor([2.0, 12.0, 49.0]), top=3)
+        assert explained["route"] == expected == explained["candidates"][0]["route"]
+        assert [c["passes"] for c in explained["candidates"]] == [True, True, False]  # memory 2 is below its threshold

@@ -217,3 +217,49 @@ def test_unknown_routes_are_reported_as_unknown_and_reused_ids_never_leak(client
     assert edited.id == plain.id == "cmpl-shared-id"
     ambiguous = server.request("GET", "/v1/memserve/routes/cmpl-shared-id")[1]["memserve"]
     assert [r["edit"] for r in ambiguous] == ["unknown"]
+
+
+def test_route_endpoint_explains_what_chat_requests_get(client, model_name, references, server):
+    """`POST /v1/memserve/route` runs the served routing without generating: the same edit a chat
+    completion of the question gets, as the nearest slot above its threshold; bad bodies get a 400."""
+    fact = references[0]
+    messages = [{"role": "user", "content": fact.prompt}]
+    served = client.chat.completions.with_raw_response.create(model=model_name, messages=messages, max_tokens=2, temperature=0)
+    status, body = server.request("POST", "/v1/memserve/route", body={"messages": messages, "top": 3}, check=False)
+    assert status == 200, body
+    assert body["edit"] == served.headers["x-memserve-edit"] != "none"
+    nearest = body["explanation"]["candidates"]
+    assert len(nearest) == 3 and nearest[0]["edit"] == body["edit"] and nearest[0]["passes"]
+    assert nearest[0]["score"] >= nearest[1]["score"] and body["explanation"]["route"] == body["route"]
+    status, body = server.request("POST", "/v1/memserve/route", body={"messages": [{"role": "user", "content": UNRELATED_CHAT}]},
+                                  check=False)
+    assert status == 200 and body["edit"] == "none" and not any(c["passes"] for c in body["explanation"]["candidates"])
+    for bad, field in (({"prompt": 3}, "prompt"), ({"prompt": "x", "top": 0}, "top"), ({}, "exactly one"),
+                       ({"messages": [{"role": "user"}]}, "messages")):
+        status, body = server.request("POST", "/v1/memserve/route", body=bad, check=False)
+        assert status == 400 and field in body["error"]["message"], (bad, body)
+
+
+def test_metrics_carry_memserve_series_after_real_requests(client, model_name, references, server):
+    import re
+    import urllib.request
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(server.base + "/metrics") as response:
+            text = response.read().decode()
+        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(memserve_\S+) (\S+)$", text, re.M)}
+
+    before = scrape()
+    fact = references[0]
+    routed = client.completions.with_raw_response.create(model=model_name, prompt=fact.prompt, max_tokens=2, temperature=0)
+    edit = routed.headers["x-memserve-edit"]
+    client.completions.create(model=model_name, prompt="Name three primary colors.", max_tokens=2, temperature=0)
+    after = scrape()
+    assert after["memserve_requests_routed_total"] >= before.get("memserve_requests_routed_total", 0) + 1
+    assert after["memserve_requests_unrouted_total"] >= before.get("memserve_requests_unrouted_total", 0) + 1
+    hits = f'memserve_edit_hits_total{{edit="{edit}"}}'
+    assert after[hits] >= before.get(hits, 0) + 1
+    status = server.request("GET", "/v1/memserve/status")[1]
+    assert after["memserve_store_edits"] == status["edits"] and after["memserve_store_version"] == status["version"]
+    assert after["memserve_routing_seconds_total"] > 0 and after["memserve_engine_steps_total"] > 0
+    assert "memserve_reloads_total" in after and "memserve_reload_refusals_total" in after

@@ -1,6 +1,6 @@
 """Method registry: a method name maps to its memory class (which names its config class)."""
 
-from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig, mean_prompt_stats
+from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig, mean_prompt_stats, route_explanation
 from .memoir import MemoirConfig, MemoirMemory
 from .wise import WiseConfig, WiseMemory
 
@@ -16,5 +16,5 @@ def memory_class(method: str) -> type[EditMemory]:
 
 __all__ = [
     "METHODS", "NO_ROUTE", "EditExamples", "EditMemory", "EditSession", "MethodConfig", "MemoirConfig",
-    "MemoirMemory", "WiseConfig", "WiseMemory", "mean_prompt_stats", "memory_class",
+    "MemoirMemory", "WiseConfig", "WiseMemory", "mean_prompt_stats", "memory_class", "route_explanation",
 ]

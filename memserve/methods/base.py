@@ -137,6 +137,11 @@ class EditMemory(nn.Module):
         """[B, D] -> (routes [B] long, NO_ROUTE where nothing applies; scores [B])."""
         raise NotImplementedError
 
+    def candidates(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Why `route` decides as it does, for one prompt mean [D]: every routable slot as (slots,
+        scores, thresholds), in the order `route` prefers them (for explanations, not for serving)."""
+        raise NotImplementedError
+
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """[N, I], [N] (, [N, D]) -> [N, H]."""
         raise NotImplementedError
@@ -172,3 +177,17 @@ def mean_prompt_stats(memory: EditMemory, a: torch.Tensor, prompt_mask: torch.Te
     stats = memory.token_stats(a.reshape(-1, a.shape[-1])).reshape(*a.shape[:2], -1)
     weights = prompt_mask.to(stats.dtype).unsqueeze(-1)
     return (stats * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def route_explanation(memory: EditMemory, mean_stats: torch.Tensor, top: int = 5) -> dict:
+    """The decision of `memory.route` for one prompt mean [D] and the `top` slots nearest to it, with
+    their scores against their thresholds: what `memserve route` and `POST /v1/memserve/route` show."""
+    routes, scores = memory.route(mean_stats[None])
+    slots, candidate_scores, thresholds = memory.candidates(mean_stats)
+    route = int(routes[0])
+    return {
+        "route": route, "edit": memory.route_label(route), "score": float(scores[0]),
+        "candidates": [{"route": int(slot), "edit": memory.route_label(int(slot)), "score": float(score),
+                        "threshold": float(threshold), "passes": bool(score >= threshold)}
+                       for slot, score, threshold in zip(slots[:top], candidate_scores[:top], thresholds[:top])],
+    }

@@ -140,6 +140,18 @@ class MemoirMemory(EditMemory):
         routes = torch.where(best_score >= self.config.tau, best, torch.full_like(best, NO_ROUTE))
         return routes, best_score
 
+    def candidates(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each edit's best key overlap with the prompt's key (dense); the newest edit first on ties."""
+        if self.num_edits == 0:
+            empty = torch.zeros(0)
+            return empty.long(), empty, empty
+        overlaps = self.overlaps(self.key(mean_stats[None]))[0]
+        per_edit = torch.full((self.num_edits,), -1.0).scatter_reduce(0, self.key_owner, overlaps, "amax")
+        slots = torch.arange(self.num_edits)
+        order = sorted(range(self.num_edits), key=lambda e: (-float(per_edit[e]), -e))
+        order = torch.tensor(order, dtype=torch.long)
+        return slots[order], per_edit[order], torch.full((self.num_edits,), float(self.config.tau))
+
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         routed = routes >= 0
         if not bool(routed.all()):  # work on the routed rows only; the others get zero

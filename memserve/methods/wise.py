@@ -168,6 +168,18 @@ class WiseMemory(EditMemory):
         routes = torch.where(eligible.any(-1), best, torch.full_like(best, NO_ROUTE))
         return routes, mean_stats.max(dim=-1).values
 
+    def candidates(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each memory's gate score and threshold, ranked as `route` ranks eligible ones."""
+        _, eps = self._candidates()
+        if eps.numel() == 0:
+            empty = torch.zeros(0)
+            return empty.long(), empty, empty
+        scores = self.gate_scores(mean_stats[None])[0]
+        rank = scores / eps.clamp_min(1e-12) if self.config.margin_pick else scores
+        eligible = (scores >= eps).tolist()
+        order = torch.tensor(sorted(range(len(eligible)), key=lambda m: (not eligible[m], -float(rank[m]))), dtype=torch.long)
+        return order, scores[order], eps[order]
+
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         out = a.new_zeros(a.shape[0], self.hidden_size)
         deltas, _ = self._candidates()

@@ -21,9 +21,14 @@ PROMPT_LEN_ARG = "memserve_prompt_len"
 # Set by the server on every routed HTTP request (never by clients): the key its route report is
 # looked up by, unique per HTTP request even when clients reuse request ids.
 REPORT_TAG_ARG = "memserve_report"
+# Set by the server's `POST /v1/memserve/route` (never by clients): keep the explanation of the
+# request's route (`methods.route_explanation`) with its top-N nearest slots.
+EXPLAIN_ARG = "memserve_explain"
+INTERNAL = (REPORT_TAG_ARG, EXPLAIN_ARG)
 OPTIONS = (ROUTE_ARG, PROMPT_LEN_ARG)
 NOT_FORCED = -2
 MAX_PROMPT_LEN = 1 << 31  # anything longer is clipped to the prompt anyway
+MAX_EXPLAIN = 100  # nearest slots an explanation may list
 
 
 class OptionError(ValueError):
@@ -39,14 +44,14 @@ def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
     return value
 
 
-def check_options(extra: Mapping[str, Any] | None, slots: int | None = None, tag_allowed: bool = False) -> None:
+def check_options(extra: Mapping[str, Any] | None, slots: int | None = None, internal: bool = False) -> None:
     """Raise `OptionError` for the first invalid memserve option in `extra`. With `slots` (routable
     memory slots of the served store) a forced route must also name one of them."""
     if not extra:
         return
     for name in extra:
         if isinstance(name, str) and name.startswith("memserve_") and name not in OPTIONS:
-            if name == REPORT_TAG_ARG and tag_allowed:
+            if name in INTERNAL and internal:
                 continue
             raise OptionError(f"vllm_xargs.{name} is not a memserve option (known: {', '.join(OPTIONS)})")
     if ROUTE_ARG in extra:
@@ -54,6 +59,8 @@ def check_options(extra: Mapping[str, Any] | None, slots: int | None = None, tag
         _integer(ROUTE_ARG, extra[ROUTE_ARG], -1, high)
     if PROMPT_LEN_ARG in extra:
         _integer(PROMPT_LEN_ARG, extra[PROMPT_LEN_ARG], 1, MAX_PROMPT_LEN)
+    if internal and EXPLAIN_ARG in extra:
+        _integer(EXPLAIN_ARG, extra[EXPLAIN_ARG], 1, MAX_EXPLAIN)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class RequestOptions:
     route: int = NOT_FORCED
     prompt_len: int | None = None
     report_tag: str | None = None
+    explain: int | None = None  # keep the route's explanation with this many nearest slots
     problem: str | None = None
 
     @classmethod
@@ -74,12 +82,13 @@ class RequestOptions:
             if extra is not None and not isinstance(extra, Mapping):
                 raise OptionError(f"extra_args must be a mapping, got {type(extra).__name__}")
             extra = extra or {}
-            check_options(extra, slots, tag_allowed=True)
+            check_options(extra, slots, internal=True)
             tag = extra.get(REPORT_TAG_ARG)
             return cls(
                 route=extra.get(ROUTE_ARG, NOT_FORCED),
                 prompt_len=extra.get(PROMPT_LEN_ARG),
                 report_tag=tag if isinstance(tag, str) else None,
+                explain=extra.get(EXPLAIN_ARG),
             )
         except Exception as exc:  # noqa: BLE001 - a client's input must never stop the engine
             return cls(route=-1, problem=str(exc) or type(exc).__name__)

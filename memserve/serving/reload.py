@@ -46,6 +46,8 @@ class StoreWatcher:
         self.interval = float(os.environ.get(POLL_ENV) or 0) if interval is None else interval
         self.next_poll = time.monotonic() + self.interval
         self.reloads = 0
+        self.refusals = 0  # store versions refused (other weights or layer); `refused` is the last one
+        self.failures = 0  # checks or rebuilds that failed (`error` is the last one)
         self.refused: dict | None = None  # {"version", "identity", "reason"} of the last store refused
         self.error: str | None = None  # why the store could not be read or rebuilt at the last attempt
         self.load_ms: float | None = None  # duration of the last rebuild (background thread)
@@ -151,12 +153,14 @@ class StoreWatcher:
     def _refuse(self, version: int, identity: str, reason: str) -> None:
         refused = {"version": version, "identity": identity, "reason": reason}
         if self.refused != refused:
+            self.refusals += 1
             logger.error("memserve: refused version %d of %s, still serving version %s: %s", version, self.path,
                          self.runtime.version, reason)
         self.refused = refused
 
     def _fail(self, exc: Exception) -> None:
         message = f"{type(exc).__name__}: {exc}" if not str(exc).startswith(str(self.path)) else str(exc)
+        self.failures += 1
         if message != self.error:
             logger.warning("memserve: cannot read store %s, still serving version %s: %s", self.path,
                            self.runtime.version, message)
@@ -169,7 +173,7 @@ class StoreWatcher:
             "store": str(self.path), "version": runtime.version, "identity": self.identity,
             "edits": runtime.memory.num_edits, "slots": runtime.memory_slots(), "method": runtime.memory.method,
             "live_requests": len(runtime.states), "pinned_memories": runtime.pinned_memories(),
-            "reloads": self.reloads, "poll_seconds": self.interval, "refused": self.refused, "error": self.error,
+            "reloads": self.reloads, "refusals": self.refusals, "failures": self.failures, "poll_seconds": self.interval, "refused": self.refused, "error": self.error,
             "loading": pending["version"] if pending else None, "last_load_ms": self.load_ms,
             "refused_options": runtime.refused_options,
         }

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Container, Sequence
 
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from memserve.chat import ChatFormat
-from memserve.methods import NO_ROUTE, EditMemory
+from memserve.methods import NO_ROUTE, EditMemory, route_explanation
 
 from .options import RequestOptions
 
@@ -79,6 +80,8 @@ class RequestRoute:
     version: int | None = None  # store version of that memory
     forced: bool = False  # the route came from the request's options, not from its prompt
     report_tag: str | None = None  # `options.REPORT_TAG_ARG` of the HTTP request it belongs to
+    explain: int | None = None  # `options.EXPLAIN_ARG`: keep `explanation` with this many nearest slots
+    explanation: dict | None = None  # `methods.route_explanation` of the prompt mean, when asked
 
 
 @dataclass
@@ -87,13 +90,15 @@ class RouteInfo:
     label: str
     score: float
     version: int | None = None  # store version of the memory that served the request
+    explanation: dict | None = None
 
     @classmethod
     def of(cls, state: RequestRoute) -> "RouteInfo":
-        return cls(state.route, state.memory.route_label(state.route), state.score, state.version)
+        return cls(state.route, state.memory.route_label(state.route), state.score, state.version, state.explanation)
 
     def to_dict(self) -> dict:
-        return {"route": self.route, "edit": self.label, "score": self.score, "version": self.version}
+        out = {"route": self.route, "edit": self.label, "score": self.score, "version": self.version}
+        return out if self.explanation is None else {**out, "explanation": self.explanation}
 
 
 def external_id(req_id: str) -> str:
@@ -174,6 +179,11 @@ class MemoryRuntime:
         self.steps = 0  # forwards that went through `apply` with a plan (for tests / diagnostics)
         self.recomputes = 0  # chunks that re-ran already processed positions (preemption)
         self.refused_options = 0  # requests served without edits because their options were invalid
+        # Metrics (`/metrics`): routing decisions, hits per route label, time spent in `apply`.
+        self.routed = 0
+        self.unrouted = 0
+        self.hits: Counter[str] = Counter()
+        self.apply_seconds = 0.0
         # act_on="all" (memory on every token, as in the papers' code): prompt chunks processed before
         # the route was known got the base output; exact only if each prompt is prefilled in one chunk
         # (serve with chunked prefill off). Counted here and warned about once.
@@ -231,6 +241,12 @@ class MemoryRuntime:
         ids = set(live) | self.recent.find("tag", key) | self.recent.find("response", key)
         return [(rid, self.route_info(rid)) for rid in sorted(ids)]
 
+    def metrics(self, top_edits: int) -> dict:
+        """Counters for `/metrics`: decisions since start, the `top_edits` most hit routes."""
+        return {"routed": self.routed, "unrouted": self.unrouted, "apply_seconds": self.apply_seconds,
+                "steps": self.steps, "refused_options": self.refused_options,
+                "hits": dict(self.hits.most_common(top_edits)), "routes_hit": len(self.hits)}
+
     def memory_slots(self, memory: EditMemory | None = None) -> int:
         """Number of routable slots (MEMOIR: edits; WISE: memories incl. the side memory)."""
         memory = memory or self.memory
@@ -247,6 +263,13 @@ class MemoryRuntime:
         plan = self.plan
         if plan is None:
             return out
+        started = time.perf_counter()
+        try:
+            return self._apply(plan, out, a)
+        finally:
+            self.apply_seconds += time.perf_counter() - started
+
+    def _apply(self, plan: BatchPlan, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         self.steps += 1
         tracked = [self._track(plan, i) for i in range(len(plan.req_ids))]
         states = [state for state, _, _ in tracked]
@@ -270,7 +293,7 @@ class MemoryRuntime:
             # the slots changed (hot reload) since the options were checked: refuse, never raise
             options = RequestOptions(route=NO_ROUTE, problem=f"forced route {options.route} is not a memory slot now")
         if options is not None:
-            state.report_tag = options.report_tag
+            state.report_tag, state.explain = options.report_tag, options.explain
             if options.problem is not None:
                 self._refuse_options(plan.req_ids[i], options.problem)
             if options.forced:
@@ -279,6 +302,7 @@ class MemoryRuntime:
             state.route = NO_ROUTE  # nothing to route to, now or later in this request's life
         # a forced route still reads its prompt's statistics (the memory's `context`), as a routed one does
         state.settled = state.route == NO_ROUTE
+        self.unrouted += state.settled  # decided now: counted once, as `_route` counts the others
         return state
 
     def _refuse_options(self, req_id: str, problem: str) -> None:
@@ -341,6 +365,8 @@ class MemoryRuntime:
             state.settled = True
             if i in known:
                 state.mean_stats = state.stats_sum / state.count
+                if state.explain:
+                    state.explanation = route_explanation(memory, state.mean_stats, state.explain)
             state.stats_sum = None  # no longer needed
             if state.forced:
                 continue
@@ -358,6 +384,13 @@ class MemoryRuntime:
                 states[i].route, states[i].score = int(route), float(score)
                 if route < 0:
                     states[i].mean_stats = None
+        for i in deciders:
+            route = states[i].route
+            if route is not None and route >= 0:
+                self.routed += 1
+                self.hits[memory.route_label(route)] += 1
+            else:
+                self.unrouted += 1
 
     def _add_delta(self, memory: EditMemory, members: list[int], states: list[RequestRoute], plan: BatchPlan,
                    a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

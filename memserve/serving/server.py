@@ -43,7 +43,7 @@ import ipaddress
 
 from fastapi import Request  # module level: FastAPI resolves the endpoint's (string) annotations here
 
-from .options import REPORT_TAG_ARG, ROUTE_ARG, OptionError, check_options
+from .options import EXPLAIN_ARG, MAX_EXPLAIN, REPORT_TAG_ARG, ROUTE_ARG, OptionError, check_options
 from .plugin import hf_overrides_json, register
 from .offline import resolve_store_model, store_acts_on_all
 from .reload import POLL_ENV
@@ -193,6 +193,55 @@ def _error(status: int, message: str, param: str | None = None) -> tuple[int, by
     return status, json.dumps(body).encode()
 
 
+METRICS_TOP_EDITS_ENV = "MEMSERVE_METRICS_TOP_EDITS"  # per-edit hit series: the N most hit routes (default 20)
+
+
+class MetricsCollector:
+    """memserve series on vLLM's Prometheus `/metrics`, from the worker's counters. The middleware
+    refreshes `snapshot` (one worker RPC) right before each scrape; `collect` only reads it."""
+
+    def __init__(self):
+        self.snapshot: dict | None = None
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.snapshot
+        if not s:
+            return
+        yield CounterMetricFamily("memserve_requests_routed", "Requests an edit applied to.", value=s["routed"])
+        yield CounterMetricFamily("memserve_requests_unrouted", "Requests served by the base model (no edit applied, "
+                                  "a forced -1, or refused options).", value=s["unrouted"])
+        hits = CounterMetricFamily("memserve_edit_hits", f"Requests routed to each edit, for the most hit edits only "
+                                   f"({METRICS_TOP_EDITS_ENV}, default 20).", labels=["edit"])
+        for label, count in s["hits"].items():
+            hits.add_metric([label], count)
+        yield hits
+        yield GaugeMetricFamily("memserve_edits_hit", "Distinct edits that served at least one request.", value=s["routes_hit"])
+        yield GaugeMetricFamily("memserve_store_version", "Store version being served.", value=s["version"] or 0)
+        yield GaugeMetricFamily("memserve_store_edits", "Edits in the served store version.", value=s["edits"])
+        yield CounterMetricFamily("memserve_reloads", "Store versions loaded by hot reload.", value=s["reloads"])
+        yield CounterMetricFamily("memserve_reload_refusals", "Store versions refused (other weights or layer).",
+                                  value=s["refusals"])
+        yield CounterMetricFamily("memserve_reload_failures", "Store checks or rebuilds that failed.", value=s["failures"])
+        yield CounterMetricFamily("memserve_refused_options", "Requests whose memserve options the engine refused.",
+                                  value=s["refused_options"])
+        yield CounterMetricFamily("memserve_routing_seconds", "Time spent in the memory (statistics, routing, delta) "
+                                  "inside forwards.", value=s["apply_seconds"])
+        yield CounterMetricFamily("memserve_engine_steps", "Forwards the memory took part in.", value=s["steps"])
+
+
+_metrics = MetricsCollector()
+
+
+async def refresh_metrics(engine_client) -> None:
+    try:
+        top = int(os.environ.get(METRICS_TOP_EDITS_ENV, "20"))
+        _metrics.snapshot = (await engine_client.collective_rpc("memserve_metrics", args=(top,)))[0]
+    except Exception as exc:  # noqa: BLE001 - a scrape never fails because of memserve's series
+        logger.warning("memserve: could not read metrics from the worker: %s", exc)
+
+
 class MemserveMiddleware:
     """ASGI middleware inside vLLM's own (after its API-key check), for POST requests:
 
@@ -208,6 +257,8 @@ class MemserveMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "GET" and scope["path"].rstrip("/") == "/metrics":
+            await refresh_metrics(scope["app"].state.engine_client)
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         body, more = b"", True
@@ -306,6 +357,11 @@ def add_route_reporting(app) -> None:
     # built the stack; starlette rebuilds it lazily.
     app.user_middleware.append(Middleware(MemserveMiddleware))
     app.middleware_stack = None
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    registry = get_prometheus_registry()
+    if _metrics not in getattr(registry, "_collector_to_names", {}):
+        registry.register(_metrics)
 
     @app.get("/v1/memserve/routes/{key}")
     async def memserve_routes(key: str, request: Request):
@@ -313,9 +369,36 @@ def add_route_reporting(app) -> None:
         return JSONResponse({"id": key, "memserve": await lookup_routes(request.app.state.engine_client, key, [])})
 
 
+def route_question(body, tokenizer) -> tuple[list[int], int]:
+    """(prompt token ids, top) of a `POST /v1/memserve/route` body: `{"prompt": str}` (as
+    /v1/completions sends it) or `{"messages": [...]}` (as /v1/chat/completions), optional `"top"`.
+    Raises `OptionError` naming the field."""
+    if not isinstance(body, dict):
+        raise OptionError("the body must be a JSON object with 'prompt' or 'messages'")
+    top = body.get("top", 5)
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= MAX_EXPLAIN:
+        raise OptionError(f"top must be an integer between 1 and {MAX_EXPLAIN}, got {top!r:.40}")
+    if ("prompt" in body) == ("messages" in body):
+        raise OptionError("give exactly one of 'prompt' (a string) and 'messages' (a chat)")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str) or not body["prompt"]:
+            raise OptionError("prompt must be a non-empty string")
+        return tokenizer.encode(body["prompt"], add_special_tokens=False), top
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        raise OptionError("messages must be a non-empty list of {'role': str, 'content': str}")
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as exc:  # noqa: BLE001 - the template rejected the conversation
+        raise OptionError(f"messages: {exc}") from exc
+    return list(ids), top
+
+
 def add_operations(app) -> None:
-    """`GET /v1/memserve/status` and `POST /v1/memserve/reload` (guarded by vLLM's API key when set)."""
-    from fastapi.responses import JSONResponse
+    """`GET /v1/memserve/status`, `POST /v1/memserve/reload` and `POST /v1/memserve/route` (guarded by
+    vLLM's API key when set)."""
+    from fastapi.responses import JSONResponse, Response
 
     async def worker(request: Request, method: str) -> dict:
         return (await request.app.state.engine_client.collective_rpc(method))[0]
@@ -335,6 +418,27 @@ def add_operations(app) -> None:
             result = await worker(request, "memserve_status")
         failed = result.get("refused") or result.get("error")
         return JSONResponse(result, status_code=409 if failed else 202 if result.get("loading") is not None else 200)
+
+    @app.post("/v1/memserve/route")
+    async def memserve_route(request: Request):
+        """Which edit a prompt reaches and why, without generating an answer: the prompt runs through
+        the engine for one token with the explanation asked of the runtime (the served routing)."""
+        from vllm import SamplingParams
+
+        engine = request.app.state.engine_client
+        try:
+            body = json.loads(await request.body() or b"null")
+            ids, top = route_question(body, engine.renderer.tokenizer)
+        except ValueError as exc:  # bad JSON or an OptionError naming the field
+            status, payload = _error(400, str(exc))
+            return Response(payload, status_code=status, media_type="application/json")
+        tag = uuid.uuid4().hex
+        params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={REPORT_TAG_ARG: tag, EXPLAIN_ARG: top})
+        async for _ in engine.generate({"prompt_token_ids": ids}, params, f"memserve-route-{tag}"):
+            pass
+        entry = (await lookup_routes(engine, tag, [0]))[0]
+        entry.pop("index", None)
+        return JSONResponse({"prompt_tokens": len(ids), **entry})
 
 
 def serve(store: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 8000, engine_args: Sequence[str] = ()) -> None:

@@ -57,6 +57,7 @@ def cached_store(count: int, method: str = "memoir", facts_file: Path | None = N
         if Store.exists(path) and _complete(path, count):
             return path
         shutil.rmtree(path, ignore_errors=True)
+        facts = test_facts(count) if facts_file is None else _file_facts(facts_file, count)
         staging = path.with_name(path.name + ".building")
         shutil.rmtree(staging, ignore_errors=True)
         runner = open_session(staging, method=method)
@@ -64,8 +65,7 @@ def cached_store(count: int, method: str = "memoir", facts_file: Path | None = N
             from tqdm import tqdm
 
             with tqdm(total=count, desc=f"building {path.name}", unit="edit", disable=count < 50) as bar:
-                runner.apply(test_facts(count) if facts_file is None else _file_facts(facts_file, count),
-                             progress=lambda *_: bar.update())
+                runner.apply(facts, progress=lambda *_: bar.update())
         runner.store.close()
         staging.rename(path)
         return path
@@ -74,9 +74,9 @@ def cached_store(count: int, method: str = "memoir", facts_file: Path | None = N
 def _file_facts(path: Path, count: int):
     from memserve.facts import read_facts
 
-    facts, _ = read_facts(path)
+    facts, _ = read_facts(path, skip_invalid=True)  # real data has a few unusable rows (e.g. an empty answer)
     if count > len(facts):
-        raise ValueError(f"{path} has {len(facts)} facts, {count} were asked for")
+        raise ValueError(f"{path} has {len(facts)} valid facts, {count} were asked for")
     return facts[:count]
 
 

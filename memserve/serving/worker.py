@@ -27,6 +27,16 @@ class MemserveWorkerExtension:
         watcher.poll()
         return {**watcher.status(), "reload": True}
 
+    def memserve_metrics(self, top_edits: int) -> dict | None:
+        """Counters for the server's `/metrics` (None without a memory)."""
+        runtime, watcher = self._memserve("memserve_runtime"), self._memserve("memserve_watcher")
+        if runtime is None:
+            return None
+        status = watcher.status() if watcher is not None else {}
+        return {**runtime.metrics(top_edits), "version": runtime.version, "edits": runtime.memory.num_edits,
+                "reloads": status.get("reloads", 0), "refusals": status.get("refusals", 0),
+                "failures": status.get("failures", 0)}
+
     def memserve_reload(self) -> dict:
         """Serve the store's current version now (refused if built for other weights); the status."""
         watcher = self._memserve("memserve_watcher")

@@ -103,7 +103,7 @@ def synthetic_store(base: Path, edits: int, dest: Path) -> dict:
     with Store.open(dest) as store:
         m = store.manifest
         real = store.num_edits
-        if m["method"] != "memoir":
+        if m["method"] != "memoir" and edits > real:
             raise ValueError(f"{base}: synthetic edits are MEMOIR masks; the store holds {m['method']} edits")
         if edits < real:
             raise ValueError(f"--edits {edits}: below the {real} real edits of {base} (use 0 or >= {real})")
@@ -545,6 +545,9 @@ def plot_throughput(rows: list[dict], path: Path) -> None:
         unedited = [r[mode]["unedited_output_tok_s"] for r in rows]
         ax.plot(x, edited, "o-", label="with edits")
         ax.plot(x, unedited, "s--", color="gray", label="unedited engine (same run)")
+        uncached = [(xi, r[mode]["vs_caching_off"]["unedited_output_tok_s"]) for xi, r in zip(x, rows) if "vs_caching_off" in r[mode]]
+        if uncached:
+            ax.plot(*zip(*uncached), "v", color="tab:purple", label="same edits, prefix caching off")
         if "transformers_bs1_output_tok_s" in rows[0]:
             label = "transformers generate, bs 1" + (" (faster of fp32/bf16)" if "transformers_bs1_by_dtype" in rows[0] else "")
             ax.plot(x, [r["transformers_bs1_output_tok_s"] for r in rows], "^:", color="tab:red", label=label)

@@ -155,3 +155,30 @@ def test_every_command_help_has_an_example():
     for path in found:
         result = invoke(*path, "--help")
         assert result.exit_code == 0 and "Example:" in result.output, path
+
+
+def test_store_show_reads_the_edit_hit_count_from_a_server(tiny_store):
+    """`store show ID --server URL` adds the edit's `memserve_edit_hits_total` from the server's
+    /metrics (a local stand-in serving the exposition text), None when the edit is not exported."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'memserve_edit_hits_total{edit="edit-1"} 7.0\nmemserve_edit_hits_total{edit="edit-11"} 3.0\n'
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base, _ = tiny_store
+        url = f"http://127.0.0.1:{server.server_port}"
+        assert json.loads(invoke("store", "show", "1", "--store", base / "store", "--server", url).stdout)["hits"] == 7.0
+        assert json.loads(invoke("store", "show", "0", "--store", base / "store", "--server", url).stdout)["hits"] is None
+    finally:
+        server.shutdown()

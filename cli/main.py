@@ -327,9 +327,10 @@ def _key_neighbours(opened, edit_id: int, count: int) -> list[dict]:
     if not count or opened.manifest["method"] != "memoir":
         return []
     keys, owners = opened.routing_keys(opened.manifest["intermediate_size"])
+    own = keys[owners == edit_id]
     best: dict[int, int] = {}
-    for key in keys[owners == edit_id]:
-        for other, shared in opened.nearest(key, count + len(keys[owners == edit_id]) + 1):
+    for key in own:
+        for other, shared in opened.nearest(key, count + len(own) + 1):  # its own keys come first
             if other != edit_id:
                 best[other] = max(best.get(other, 0), shared)
     top_k = opened.manifest["config"]["top_k"]

@@ -216,8 +216,6 @@ def server_log_facts(text: str) -> dict:
 class OfflineEngine:
     """`VllmEditedModel` for `store` (None: unedited) in a worker process."""
 
-    mode = "offline"
-
     def __init__(self, store: Path | None, overrides: dict):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
@@ -258,7 +256,6 @@ class HttpEngine:
 
     def __init__(self, store: Path | None, engine_args: list[str], concurrency: int, log: Path, stream: bool = True):
         self.concurrency, self.stream = concurrency, stream
-        self.mode = "http" if stream else "http-unary"
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         missing = log.parent / "no-store"  # a missing store serves the base model unchanged

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .editor import open_session, store_model_dir
 from .facts import read_facts
+from .models import model_id, resolve_model
 
 # Same shape as the edited questions, never edited: their answers must not change.
 NEIGHBOURS = ["In which city is the Eiffel Tower located?", "What is the capital of Canada?",
@@ -32,8 +33,6 @@ def run_demo(store: Path) -> None:
     report = runner.apply(facts)
     chat = runner.edited.chat
     tokenizer = runner.edited.tokenizer
-    from .models import model_id, resolve_model
-
     served_name = model_id(resolve_model(store_model_dir(runner.store)))
     runner.store.close()
     console.print(f"{report.added} new edits, {report.skipped} already in the store. Starting vLLM on the store...")

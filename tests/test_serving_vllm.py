@@ -46,7 +46,7 @@ def system_questions(facts) -> dict[str, list[str]]:
     lookalikes of the edited questions (their words but the last), which share the routing span's
     first KV block with them."""
     rephrases = [f.rephrases[0] for f in facts if f.rephrases]
-    return {"shared": [f.prompt for f in facts[:6]] + rephrases[:3] + UNRELATED[:3],
+    return {"mixed": [f.prompt for f in facts[:6]] + rephrases[:3] + UNRELATED[:3],
             "edited": [f.prompt for f in facts[:6]],
             "lookalike": [" ".join(f.prompt.split()[:-1] + ["Atlantis?"]) for f in facts[:6]]}
 
@@ -257,7 +257,7 @@ def _check_system_chats(engine, want, outputs=None):
 def test_shared_system_prompt_is_cached_and_answers_as_reference(engine, reference):
     """Chat requests behind one system prompt (edited, rephrased, unrelated questions): prefix-cache
     hits on the system prompt, every answer and route as the transformers reference."""
-    want = reference["system"]["shared"]
+    want = reference["system"]["mixed"]
     _check_system_chats(engine, want)  # warms the cache
     cached = _check_system_chats(engine, want)
     assert sum(c > 0 for c in cached) >= len(cached) // 2, cached
@@ -265,7 +265,7 @@ def test_shared_system_prompt_is_cached_and_answers_as_reference(engine, referen
 
 
 def test_repeated_identical_requests_answer_alike(engine, reference):
-    want = reference["system"]["shared"]
+    want = reference["system"]["mixed"]
     picks = [0, 0, 0, 6, 6, len(want["ids"]) - 1]  # an edited question, a rephrase, an unrelated one
     ids = [want["ids"][i] for i in picks]
     for _ in range(2):  # in one batch, then again with their blocks cached

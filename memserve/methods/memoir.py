@@ -147,10 +147,8 @@ class MemoirMemory(EditMemory):
             return empty.long(), empty, empty
         overlaps = self.overlaps(self.key(mean_stats[None]))[0]
         per_edit = torch.full((self.num_edits,), -1.0).scatter_reduce(0, self.key_owner, overlaps, "amax")
-        slots = torch.arange(self.num_edits)
-        order = sorted(range(self.num_edits), key=lambda e: (-float(per_edit[e]), -e))
-        order = torch.tensor(order, dtype=torch.long)
-        return slots[order], per_edit[order], torch.full((self.num_edits,), float(self.config.tau))
+        order = torch.tensor(sorted(range(self.num_edits), key=lambda e: (-float(per_edit[e]), -e)), dtype=torch.long)
+        return order, per_edit[order], torch.full((self.num_edits,), float(self.config.tau))
 
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         routed = routes >= 0

@@ -413,7 +413,7 @@ def transformers_bs1(store: Path | None, base: Path, prompts: list[str], max_tok
             if store is None:
                 out = edited.model.generate(**kwargs)
             else:
-                with edited.routing(prompt_mask, answer_mask):
+                with edited.routing(ids, prompt_mask, answer_mask):
                     out = edited.model.generate(**kwargs)
             if i:  # request 0 is the warm-up
                 rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - begin))

@@ -1,6 +1,7 @@
 """Facts files (JSON Lines or a JSON array): the canonical schema plus ZsRE and WISE/EasyEdit field names.
 
-Canonical: {"prompt": str, "target": str, "rephrases": [str], "locality": [{"prompt": str, "answer": str}]}
+Canonical: {"prompt": str, "target": str, "rephrases": [str], "locality": [{"prompt": str, "answer": str}],
+            "subject": str (optional: what the fact is about, as written in the prompt; see memserve.subjects)}
 ZsRE:      src -> prompt, alt -> target, rephrase -> rephrases, loc/loc_ans -> locality
 WISE:      prompt, target_new -> target, rephrase_prompt | ood_rephrase -> rephrases,
            locality_prompt/locality_ground_truth -> locality
@@ -25,6 +26,7 @@ class Fact:
     target: str
     rephrases: tuple[str, ...] = ()
     locality: tuple[tuple[str, str], ...] = ()
+    subject: str | None = None
     line: int = 0
     source: str = ""
 
@@ -50,6 +52,7 @@ class Fact:
             "target": self.target,
             "rephrases": list(self.rephrases),
             "locality": [{"prompt": p, "answer": a} for p, a in self.locality],
+            **({"subject": self.subject} if self.subject else {}),
         }
 
 
@@ -118,11 +121,17 @@ def parse_row(row, where: str, line: int = 0, source: str = "") -> Fact:
     p_key, prompt = _pick(row, "prompt")
     t_key, target = _pick(row, "target")
     r_key, rephrases = _pick(row, "rephrases")
+    prompt = _text(where, p_key, prompt, True)
+    subject = _text(where, "subject", row.get("subject"), False) or None
+    if subject is not None and subject not in prompt:
+        raise FactsError(f"{where}: field 'subject': {subject!r} does not occur in the prompt (an edit applies to "
+                         "questions that mention its subject, as written in its prompt)")
     return Fact(
-        prompt=_text(where, p_key, prompt, True),
+        prompt=prompt,
         target=_text(where, t_key, target, True),
         rephrases=_texts(where, r_key, rephrases),
         locality=_locality(where, row),
+        subject=subject,
         line=line,
         source=source,
     )

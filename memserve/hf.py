@@ -27,6 +27,7 @@ class RouteState:
     routes: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     mean_stats: torch.Tensor | None = None  # [B, D], each row's prompt mean statistic
+    mentions: list | None = None  # each row's `EditMemory.mentioned` (from its routing span's tokens)
 
 
 class MemoryDownProj(nn.Module):
@@ -50,7 +51,7 @@ class MemoryDownProj(nn.Module):
         batch, length, width = a.shape
         if state.routes is None:
             state.mean_stats = mean_prompt_stats(self.memory, a, state.prompt_mask)
-            state.routes, state.scores = self.memory.route(state.mean_stats)
+            state.routes, state.scores = self.memory.route(state.mean_stats, state.mentions)
             apply = state.answer_mask
         else:  # a decode step: every new token belongs to the answer span
             apply = torch.ones(batch, length, dtype=torch.bool)
@@ -71,8 +72,9 @@ class EditedModel:
         model.model.layers[layer].mlp.down_proj = self.proj
 
     @contextlib.contextmanager
-    def routing(self, prompt_mask: torch.Tensor, answer_mask: torch.Tensor):
-        self.proj.state = RouteState(prompt_mask, answer_mask)
+    def routing(self, ids: torch.Tensor, prompt_mask: torch.Tensor, answer_mask: torch.Tensor):
+        mentions = [self.memory.mentioned(row[mask].tolist()) for row, mask in zip(ids, prompt_mask)]
+        self.proj.state = RouteState(prompt_mask, answer_mask, mentions=mentions)
         try:
             yield self.proj.state
         finally:
@@ -107,7 +109,7 @@ class EditedModel:
         ids, attention, prompt_mask, answer_mask = self.pad(sequences, prompt_lens)
         if not use_memory:
             return self.model(input_ids=ids, attention_mask=attention.long()).logits, None
-        with self.routing(prompt_mask, answer_mask) as state:
+        with self.routing(ids, prompt_mask, answer_mask) as state:
             out = self.model(input_ids=ids, attention_mask=attention.long()).logits
         return out, state.routes
 
@@ -115,9 +117,9 @@ class EditedModel:
     def explain(self, prompt_ids: list[int], top: int = 5) -> dict:
         """How one prompt is routed (`methods.route_explanation`), without generating."""
         ids, attention, prompt_mask, answer_mask = self.pad([prompt_ids], [len(prompt_ids)])
-        with self.routing(prompt_mask, torch.zeros_like(answer_mask)) as state:
+        with self.routing(ids, prompt_mask, torch.zeros_like(answer_mask)) as state:
             self.model(input_ids=ids, attention_mask=attention.long())
-        return route_explanation(self.memory, state.mean_stats[0], top)
+        return route_explanation(self.memory, state.mean_stats[0], top, state.mentions[0])
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, use_memory: bool = True, min_new_tokens: int = 0):
@@ -131,7 +133,7 @@ class EditedModel:
         )
         routes = None
         if use_memory:
-            with self.routing(prompt_mask, answer_mask) as state:
+            with self.routing(ids, prompt_mask, answer_mask) as state:
                 out = self.model.generate(**kwargs)
             routes = state.routes
         else:

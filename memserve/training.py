@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .facts import Fact
 from .hf import EditedModel
 from .methods import EditExamples, EditSession, mean_prompt_stats
+from .subjects import AnchorIndex, anchor_tokens, infer_subject
 
 PREFIX_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 PREFIX_LENGTHS = (5,)  # (5, 10) on ZsRE dev: no better, and twice the rows to train on
@@ -43,6 +44,7 @@ class TokenBatch:
     prompt_lens: list[int]
     in_scope: list[bool]
     key_rows: tuple[int, ...] = (0,)
+    anchors: tuple[tuple[int, ...], ...] = ()
 
 
 def prompt_and_answer(edited: EditedModel, prompt: str, answer: str) -> tuple[list[int], int]:
@@ -64,19 +66,43 @@ def edit_batch(
     """Row 0: the bare edit; row 1: the edit as a chat turn (when the tokenizer has a chat template;
     its routing span gives the edit a second key); then one row per prefix; last: the out-of-scope
     example(s) (a (prompt, answer) pair or a list of them). With `stop_after_answer` the key rows'
-    answers end in the end-of-sequence token."""
+    answers end in the end-of-sequence token. The batch's anchors are the subject's token ids (the
+    fact's `subject`, else `infer_subject`), kept only if every key row's routing span names them."""
     negatives = [out_of_scope] if isinstance(out_of_scope, tuple) else list(out_of_scope)
     rows = [prompt_and_answer(edited, fact.prompt, fact.target)]
     if edited.chat.available:
         rows.append(chat_prompt_and_answer(edited, fact.prompt, fact.target))
     key_rows = tuple(range(len(rows)))
+    anchors = edit_anchors(edited, fact, [seq[:plen] for seq, plen in rows])
     eos = edited.tokenizer.eos_token_id
     if edited.memory.config.stop_after_answer and eos is not None:
         rows = [(seq + [eos], plen) for seq, plen in rows]
     rows += [prompt_and_answer(edited, f"{prefix}. {fact.prompt}", fact.target) for prefix in prefixes]
     in_scope = [True] * len(rows) + [False] * len(negatives)
     rows += [prompt_and_answer(edited, *negative) for negative in negatives]
-    return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows)
+    return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows, anchors)
+
+
+def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    """Token id variants of the fact's subject (its `subject`, and the name `infer_subject` finds
+    inside it: temporal data gives "5G is" where questions say "5G"; without `subject`, the inferred
+    name), or () when it has none or one of its own key prompts would not name it (it then routes on
+    its key alone)."""
+    inferred = infer_subject(fact.prompt)
+    subjects = [s for s in (fact.subject, inferred) if s]
+    if fact.subject and inferred and inferred not in fact.subject:
+        subjects = [fact.subject]  # the given subject rules; a name inside it is a shorter way to say it
+    variants = list(dict.fromkeys(tuple(ids) for subject in subjects
+                                  for ids in anchor_tokens(edited.tokenizer, subject, fact.prompt)))
+    if not variants:
+        return ()
+    index = AnchorIndex()
+    index.add(0, variants)
+    for prompt in key_prompts:
+        start, end = edited.chat.routing_span(prompt)
+        if 0 not in index.mentioned(prompt[start:end]):
+            return ()
+    return tuple(variants)
 
 
 class _Stop(Exception):
@@ -140,7 +166,8 @@ def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:
                 rows.append(row)
                 cols.append(pos - 1)
                 targets.append(seq[pos])
-    examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope, key_rows=batch.key_rows)
+    examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope, key_rows=batch.key_rows,
+                             anchors=batch.anchors)
     row_stats = mean_prompt_stats(edited.memory, a, prompt_mask)
     return Prepared(ids, examples, row_stats, hidden, uppers, apply_rows, apply_cols, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 

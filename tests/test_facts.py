@@ -20,6 +20,15 @@ def test_canonical_zsre_and_wise_fields(tmp_path):
     assert facts[0].key != facts[1].key
 
 
+def test_subject_is_kept_and_recorded(tmp_path):
+    path = write_facts(tmp_path / "f.jsonl", [{"src": "Who founded Acme Corp?", "alt": "Ann", "subject": "Acme Corp"},
+                                              {"prompt": "Who founded Acme Corp?", "target": "Ann"}])
+    facts, _ = read_facts(path)
+    assert facts[0].subject == "Acme Corp" and facts[0].to_dict()["subject"] == "Acme Corp"
+    assert facts[1].subject is None and "subject" not in facts[1].to_dict()
+    assert facts[0].key == facts[1].key  # the same edit, whether or not its subject was given
+
+
 @pytest.mark.parametrize("row, message", [
     ('{"prompt": "x", "target": ', "f.jsonl:2: malformed JSON"),
     ('{"target": "y"}', "f.jsonl:2: missing field 'prompt'"),
@@ -29,6 +38,8 @@ def test_canonical_zsre_and_wise_fields(tmp_path):
     ('[1, 2]', "f.jsonl:2: expected a JSON object"),
     ('{"prompt": "x", "target": "y", "rephrases": [1]}', "f.jsonl:2: field 'rephrases' must be a string or a list"),
     ('{"prompt": "x", "target": "y", "locality": [{"prompt": "p"}]}', "f.jsonl:2: missing field 'locality[0].answer'"),
+    ('{"prompt": "Capital of Kenya?", "target": "y", "subject": "France"}', "f.jsonl:2: field 'subject': 'France' does not occur"),
+    ('{"prompt": "x", "target": "y", "subject": 5}', "f.jsonl:2: field 'subject' must be a string"),
 ])
 def test_bad_rows_name_line_and_field(tmp_path, row, message):
     path = write_facts(tmp_path / "f.jsonl", ['{"prompt": "ok", "target": "fine"}', row])

@@ -2,7 +2,7 @@
 
 import torch
 
-from memserve.methods import NO_ROUTE, MemoirConfig, MemoirMemory, WiseConfig, WiseMemory
+from memserve.methods import NO_ROUTE, MemoirConfig, MemoirMemory, WiseConfig, WiseMemory, route_explanation
 from memserve.methods.wise import ties_merge
 
 H, I = 8, 64
@@ -240,8 +240,6 @@ def test_memoir_bf16_delta_uses_a_fresh_copy_of_the_residual():
 def test_route_explanation_agrees_with_the_routing_rule():
     """`route_explanation` (what `memserve route` and the server show) names the slot `route`
     picks first, with that slot's score; for both methods, routed and not."""
-    from memserve.methods import route_explanation
-
     memory = memoir(k=16, tau=0.5)
     a = torch.randn(4, I)
     for row in a[:3]:
@@ -268,3 +266,35 @@ def test_route_explanation_agrees_with_the_routing_rule():
         explained = route_explanation(wise, torch.tensor([2.0, 12.0, 49.0]), top=3)
         assert explained["route"] == expected == explained["candidates"][0]["route"]
         assert [c["passes"] for c in explained["candidates"]] == [True, True, False]  # memory 2 is below its threshold
+
+
+def test_memoir_subject_anchor_gates_edits_on_their_subject_being_named():
+    """An anchored edit is reached only by questions whose span names its subject, however close
+    their key; an unanchored edit competes everywhere; a store predating anchors routes on keys."""
+    memory = memoir(k=16, tau=0.5)
+    a = torch.randn(3, I)
+    memory.add_edit(memory.key(a[:1]), anchors=[[7, 8]])
+    memory.add_edit(memory.key(a[1:2]))  # no subject: unanchored
+    named, other = memory.mentioned([1, 7, 8, 2]), memory.mentioned([1, 7, 9, 8])
+    assert named == {0} and other == set()
+    routes, scores = memory.route(a[:2], [named, named])
+    assert routes.tolist() == [0, 1] and scores.tolist() == [1.0, 1.0]
+    routes, _ = memory.route(a[:2], [other, other])  # same key, subject not named: edit 0 is out
+    assert routes[0].item() in (NO_ROUTE, 1) and routes[1].item() == 1
+    assert memory.route(a[:1])[0].item() != 0  # no span tokens known: no anchored edit
+    explained = route_explanation(memory, a[0], top=2, mentions=other)
+    assert [(c["route"], c["subject_named"]) for c in explained["candidates"]][1] == (0, False)
+    assert not explained["candidates"][1]["passes"]
+
+    old = MemoirMemory(MemoirConfig.from_stored({"layer": 0, "top_k": 16, "tau": 0.5}), torch.randn(H, I))
+    old.calibrate(torch.zeros(I))
+    old.add_edit(old.key(a[:1]), anchors=[[7, 8]])
+    assert old.mentioned([7, 8]) is None and old.route(a[:1], [None])[0].item() == 0
+
+
+def test_memoir_anchored_routing_keeps_the_newest_edit_on_ties():
+    memory = memoir(k=16, tau=0.5)
+    a = torch.randn(1, I)
+    memory.add_edit(memory.key(a), anchors=[[5]])
+    memory.add_edit(memory.key(a), anchors=[[5]])  # the same question edited again
+    assert memory.route(a, [memory.mentioned([5])])[0].item() == 1

@@ -56,7 +56,7 @@ def setup():
         wide_gen, wide_routes = edited.generate(wide_ids, MAX_NEW)
         # the reference's routing decision in detail: every key's overlap with each prompt's mask
         padded, attention, prompt_mask, answer_mask = edited.pad(wide_ids, [len(p) for p in wide_ids])
-        with edited.routing(prompt_mask, answer_mask) as state, torch.no_grad():
+        with edited.routing(padded, prompt_mask, answer_mask) as state, torch.no_grad():
             edited.model(input_ids=padded, attention_mask=attention.long())
         memory = edited.memory
         overlaps = memory.overlaps(memory.key(state.mean_stats))

@@ -335,3 +335,21 @@ def test_block_hashes_are_private_from_the_routing_span_on():
     short = prefix_cache.PrefixSalt(SimpleNamespace(routing_span=lambda p: (seen.append(len(p)) or 0, len(p))), False)
     assert short.salt_from(tokens, {"memserve_prompt_len": 30}) == 0 and seen == [30]
     assert short.salt_from(tokens, {"memserve_prompt_len": "x"}) == 0 and seen[-1] == len(tokens)
+
+
+def test_anchored_edit_is_reached_only_when_the_span_tokens_name_its_subject():
+    """The runtime reads each new request's routing-span token ids once (`BatchPlan.route_tokens`):
+    the same prompt activations reach an anchored edit only when those tokens name its subject."""
+    memory, prompts = make_memoir(num_edits=1)
+    memory.load_anchors([[[11, 12]]])
+    runtime = MemoryRuntime(memory)
+    seq = torch.cat([prompts[0], torch.randn(2, I)])
+    plen = prompts[0].shape[0]
+    for rid, tokens in (("named", [3, 11, 12, 4, 5]), ("unnamed", [3, 11, 4, 12, 5]), ("unknown", None)):
+        runtime.begin_step(BatchPlan([rid], np.array([0, seq.shape[0]]), np.array([0]), np.array([plen]),
+                                     route_spans=np.array([(0, plen)]), route_tokens=[tokens]))
+        out = runtime.apply(torch.zeros(seq.shape[0], H), seq)
+        runtime.end_step()
+        routed = rid == "named"
+        assert runtime.route_info(rid).route == (0 if routed else NO_ROUTE), rid
+        assert bool(out[plen - 1 :].abs().sum() > 0) == routed and not out[: plen - 1].abs().sum()

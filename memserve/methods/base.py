@@ -7,7 +7,9 @@ A request is routed once, from its prompt, and keeps that route for every token 
 
 1. `token_stats(a)` turns each prompt token's down-projection input `a` into a statistic;
 2. the caller averages those statistics over the prompt (in vLLM: across prefill chunks);
-3. `route(mean_stats)` picks the memory slot for the request, or -1 for "no edit applies";
+3. `route(mean_stats, mentions)` picks the memory slot for the request, or -1 for "no edit applies";
+   `mentions` are the edits whose subject anchor the routing span names (`mentioned(tokens)`, taken
+   from the span's token ids when the request is first seen; None for a method without anchors);
 4. `delta(a, routes, context)` is the memory's contribution, added to the base output `W a`;
    `context` holds each token's request mean statistic (a method may read it, MEMOIR can).
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -84,6 +86,7 @@ class EditExamples:
     answer_mask: torch.Tensor  # [S, T] bool: where the memory acts (last prompt token onwards)
     in_scope: torch.Tensor  # [S] bool
     key_rows: tuple[int, ...] = (0,)
+    anchors: tuple[tuple[int, ...], ...] = ()  # token ids of the edit's subject (`memserve.subjects`)
 
 
 class EditSession:
@@ -133,13 +136,22 @@ class EditMemory(nn.Module):
     def token_stats(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def route(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, D] -> (routes [B] long, NO_ROUTE where nothing applies; scores [B])."""
+    def mentioned(self, tokens: Sequence[int]) -> frozenset[int] | None:
+        """The edits whose subject anchor occurs in a routing span's token ids; None: this memory
+        does not gate on subjects (every slot stays eligible)."""
+        return None
+
+    def route(self, mean_stats: torch.Tensor, mentions: Sequence[frozenset[int] | None] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, D] and each row's `mentioned` edits -> (routes [B] long, NO_ROUTE where nothing
+        applies; scores [B]). Without `mentions` no anchored edit is eligible."""
         raise NotImplementedError
 
-    def candidates(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def candidates(self, mean_stats: torch.Tensor, mentions: frozenset[int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Why `route` decides as it does, for one prompt mean [D]: every routable slot as (slots,
-        scores, thresholds), in the order `route` prefers them (for explanations, not for serving)."""
+        scores, thresholds, eligible), in the order `route` prefers them (for explanations, not for
+        serving)."""
         raise NotImplementedError
 
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,6 +178,9 @@ class EditMemory(nn.Module):
         """Dense state to persist after each edit (per-edit keys are stored with the edit)."""
         raise NotImplementedError
 
+    def load_anchors(self, anchors: Sequence[Sequence[Sequence[int]]]) -> None:
+        """Each edit's subject anchors, in edit order (a method without anchors ignores them)."""
+
     def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
         """Restore from `state_tensors()` output and the stored routing keys [K, I] (may be empty),
         `owners[j]` being the edit (in edit order) that key j belongs to."""
@@ -179,15 +194,19 @@ def mean_prompt_stats(memory: EditMemory, a: torch.Tensor, prompt_mask: torch.Te
     return (stats * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-def route_explanation(memory: EditMemory, mean_stats: torch.Tensor, top: int = 5) -> dict:
-    """The decision of `memory.route` for one prompt mean [D] and the `top` slots nearest to it, with
-    their scores against their thresholds: what `memserve route` and `POST /v1/memserve/route` show."""
-    routes, scores = memory.route(mean_stats[None])
-    slots, candidate_scores, thresholds = memory.candidates(mean_stats)
+def route_explanation(memory: EditMemory, mean_stats: torch.Tensor, top: int = 5,
+                      mentions: frozenset[int] | None = None) -> dict:
+    """The decision of `memory.route` for one prompt mean [D] (and its span's `mentions`) and the
+    `top` slots nearest to it, with their scores against their thresholds and whether the question
+    names their subject: what `memserve route` and `POST /v1/memserve/route` show."""
+    routes, scores = memory.route(mean_stats[None], [mentions])
+    slots, candidate_scores, thresholds, eligible = memory.candidates(mean_stats, mentions)
     route = int(routes[0])
     return {
         "route": route, "edit": memory.route_label(route), "score": float(scores[0]),
         "candidates": [{"route": int(slot), "edit": memory.route_label(int(slot)), "score": float(score),
-                        "threshold": float(threshold), "passes": bool(score >= threshold)}
-                       for slot, score, threshold in zip(slots[:top], candidate_scores[:top], thresholds[:top])],
+                        "threshold": float(threshold), "subject_named": bool(named),
+                        "passes": bool(named and score >= threshold)}
+                       for slot, score, threshold, named in zip(slots[:top], candidate_scores[:top], thresholds[:top],
+                                                                eligible[:top])],
     }

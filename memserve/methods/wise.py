@@ -156,7 +156,7 @@ class WiseMemory(EditMemory):
         scores = torch.einsum("bi,mhi->bmh", x, deltas).norm(dim=-1)
         return scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-6) if self.config.normalise else scores
 
-    def route(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, mean_stats: torch.Tensor, mentions=None) -> tuple[torch.Tensor, torch.Tensor]:
         _, eps = self._candidates()
         batch = mean_stats.shape[0]
         if eps.numel() == 0:
@@ -168,17 +168,18 @@ class WiseMemory(EditMemory):
         routes = torch.where(eligible.any(-1), best, torch.full_like(best, NO_ROUTE))
         return routes, mean_stats.max(dim=-1).values
 
-    def candidates(self, mean_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each memory's gate score and threshold, ranked as `route` ranks eligible ones."""
+    def candidates(self, mean_stats: torch.Tensor, mentions=None) -> tuple[torch.Tensor, ...]:
+        """Each memory's gate score and threshold, ranked as `route` ranks eligible ones (WISE has no
+        subject anchors: every memory may be reached)."""
         _, eps = self._candidates()
         if eps.numel() == 0:
             empty = torch.zeros(0)
-            return empty.long(), empty, empty
+            return empty.long(), empty, empty, empty.bool()
         scores = self.gate_scores(mean_stats[None])[0]
         rank = scores / eps.clamp_min(1e-12) if self.config.margin_pick else scores
         eligible = (scores >= eps).tolist()
         order = torch.tensor(sorted(range(len(eligible)), key=lambda m: (not eligible[m], -float(rank[m]))), dtype=torch.long)
-        return order, scores[order], eps[order]
+        return order, scores[order], eps[order], torch.ones(len(order), dtype=torch.bool)
 
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         out = a.new_zeros(a.shape[0], self.hidden_size)

@@ -214,7 +214,8 @@ def _runtime_of(runner) -> MemoryRuntime | None:
 
 def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
     """The runner's current batch as a `BatchPlan`; requests seen for the first time also get their
-    parsed options (invalid ones are refused there, never raised), prompt length and routing span."""
+    parsed options (invalid ones are refused there, never raised), prompt length, routing span and
+    that span's token ids."""
     batch = runner.input_batch
     n = batch.num_reqs
     req_ids = list(batch.req_ids[:n])
@@ -223,6 +224,7 @@ def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
     prompt_lens = np.zeros(n, dtype=np.int64)
     spans = np.zeros((n, 2), dtype=np.int64)
     options: list[RequestOptions | None] = [None] * n
+    tokens: list[list[int] | None] = [None] * n
     runtime = _runtime_of(runner)
     for i, rid in enumerate(req_ids):
         if rid in runtime.states:  # options, length and span are only read when a request is first seen
@@ -232,7 +234,9 @@ def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
         options[i] = RequestOptions.parse(params.extra_args if params is not None else None, runtime.memory_slots())
         prompt_lens[i] = options[i].routing_prompt_len(state.num_prompt_tokens)
         spans[i] = runtime.routing_span(state.prompt_token_ids, int(prompt_lens[i]))
-    return BatchPlan(req_ids, starts, first_pos, prompt_lens, options, spans)
+        if state.prompt_token_ids is not None:
+            tokens[i] = list(state.prompt_token_ids[spans[i][0] : spans[i][1]])
+    return BatchPlan(req_ids, starts, first_pos, prompt_lens, options, spans, tokens)
 
 
 def install_runner_hooks() -> None:

@@ -61,6 +61,9 @@ class BatchPlan:
     # [R, 2] each request's routing span [start, end) within its prompt (`ChatFormat.routing_span`);
     # read when a request is first seen; None: the whole prompt.
     route_spans: np.ndarray | None = None
+    # each request's routing-span token ids (for `EditMemory.mentioned`), read when it is first seen;
+    # None: unknown (no anchored edit can then be reached).
+    route_tokens: Sequence[Sequence[int] | None] | None = None
 
 
 @dataclass
@@ -82,6 +85,7 @@ class RequestRoute:
     report_tag: str | None = None  # `options.REPORT_TAG_ARG` of the HTTP request it belongs to
     explain: int | None = None  # `options.EXPLAIN_ARG`: keep `explanation` with this many nearest slots
     explanation: dict | None = None  # `methods.route_explanation` of the prompt mean, when asked
+    mentions: frozenset[int] | None = None  # the edits whose subject its routing span names
 
 
 @dataclass
@@ -288,6 +292,8 @@ class MemoryRuntime:
         span = (0, plen) if plan.route_spans is None else (int(plan.route_spans[i][0]), int(plan.route_spans[i][1]))
         state = RequestRoute(next_pos=span[0], prompt_len=plen, span_end=min(span[1], plen), memory=self.memory,
                              version=self.version)
+        tokens = None if plan.route_tokens is None else plan.route_tokens[i]
+        state.mentions = None if tokens is None else self.memory.mentioned(tokens)
         options = None if plan.options is None else plan.options[i]
         if options is not None and options.problem is None and options.forced and not NO_ROUTE <= options.route < self.memory_slots():
             # the slots changed (hot reload) since the options were checked: refuse, never raise
@@ -366,7 +372,7 @@ class MemoryRuntime:
             if i in known:
                 state.mean_stats = state.stats_sum / state.count
                 if state.explain:
-                    state.explanation = route_explanation(memory, state.mean_stats, state.explain)
+                    state.explanation = route_explanation(memory, state.mean_stats, state.explain, state.mentions)
             state.stats_sum = None  # no longer needed
             if state.forced:
                 continue
@@ -379,7 +385,8 @@ class MemoryRuntime:
                         "should not happen: see prefix_cache.py); it is served without edits.", plan.req_ids[i])
         routable = [i for i in known if not states[i].forced]
         if routable:
-            routes, scores = memory.route(torch.stack([states[i].mean_stats for i in routable]))
+            routes, scores = memory.route(torch.stack([states[i].mean_stats for i in routable]),
+                                          [states[i].mentions for i in routable])
             for i, route, score in zip(routable, routes.tolist(), scores.tolist()):
                 states[i].route, states[i].score = int(route), float(score)
                 if route < 0:

@@ -1,0 +1,109 @@
+"""Subject anchors: an edit applies only to questions that mention what it is about.
+
+A prompt-mean key (MEMOIR's TopHash) encodes a question's *shape* more than its subject: "What is the
+capital of Canada?" overlaps an edit of "What is the capital of Australia?" more than that edit's own
+rephrase does (ZsRE at 998 edits: at the threshold where 1% of unedited questions reach an edit, only
+~20% of rephrases reach theirs). The subject, however, is named in nearly every way of asking: 99.3% of
+ZsRE rephrases and all CounterFact rephrases contain their fact's subject verbatim, while no ZsRE dev
+question contains the subject of a train-stream fact. So each edit keeps its subject's token ids
+(its *anchor*), and a question may only reach edits whose anchor occurs in its routing span; the key
+then decides among those, against the same threshold.
+
+The subject comes from the fact's `subject` field, or else `infer_subject` takes the longest run of
+capitalised or numeric words (names, codes, titles). A fact with neither has no anchor and routes on
+its key alone, as before.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+# Lowercase words that may sit inside a name ("Duke of la Torre", "Vincent van Gogh").
+_JOINERS = {"of", "de", "la", "le", "van", "von", "der", "den", "du", "da", "di", "del", "the", "and", "&", "y"}
+# Capitalised sentence openers that are not names ("In Colombia, ...", "The twin city of ...").
+_OPENERS = {"in", "on", "at", "the", "a", "an", "what", "which", "who", "whom", "whose", "where", "when", "why",
+            "how", "is", "was", "are", "were", "did", "does", "do", "can", "by", "from", "for", "with", "to", "of",
+            "it", "its", "this", "that", "there", "name", "tell", "please", "player"}
+_WORD = re.compile(r"[^\s,?!;\"()\[\]]+")
+_BREAK = re.compile(r"[,?!;()\[\]\"]")  # punctuation between two words ends a name
+
+
+def infer_subject(prompt: str) -> str | None:
+    """The longest run of capitalised or numeric words in `prompt` (joined by lowercase name joiners),
+    without a leading question word or a trailing possessive; None when there is none."""
+    words = [(m.start(), m.end()) for m in _WORD.finditer(prompt)]
+
+    def is_name(i: int) -> bool:
+        word = prompt[words[i][0] : words[i][1]].strip(".:'’")
+        return bool(word) and (word[0].isupper() or any(c.isdigit() for c in word)) and word.lower() not in _OPENERS
+
+    def joined(i: int, j: int) -> bool:  # no punctuation between words i and j, word i ends no sentence
+        word = prompt[words[i][0] : words[i][1]]
+        sentence_end = word.endswith(".") and len(word) > 2  # "P. Jeevanandham" keeps its initial
+        return not sentence_end and not _BREAK.search(prompt[words[i][1] : words[j][0]])
+
+    best: str | None = None
+    i = 0
+    while i < len(words):
+        if not is_name(i):
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(words) and joined(j, j + 1):
+            if is_name(j + 1):
+                j += 1
+            elif (prompt[words[j + 1][0] : words[j + 1][1]].lower() in _JOINERS and j + 2 < len(words)
+                  and joined(j + 1, j + 2) and is_name(j + 2)):
+                j += 2
+            else:
+                break
+        text = re.sub(r"(['’]s?)$", "", prompt[words[i][0] : words[j][1]].rstrip(".:"))
+        if text and (best is None or len(text) > len(best)):
+            best = text
+        i = j + 1
+    return best
+
+
+def anchor_tokens(tokenizer, subject: str, prompt: str) -> list[list[int]]:
+    """The token ids `subject` appears as: at the start of a text, after a space (BPE tokenises
+    " Canada" and "Canada" differently) and, when it tokenises differently inside `prompt` (e.g.
+    glued to punctuation), the prompt's tokens that cover it."""
+    variants = []
+    for text in (subject, " " + subject):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids and ids not in variants:
+            variants.append(ids)
+    start = prompt.find(subject)
+    if start >= 0:
+        encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        end = start + len(subject)
+        covering = [t for t, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if a < end and b > start]
+        if covering and covering not in variants:
+            variants.append(covering)
+    return variants
+
+
+class AnchorIndex:
+    """Anchors of a memory's edits, found in a token sequence by their first token."""
+
+    def __init__(self):
+        self._by_first: dict[int, list[tuple[int, tuple[int, ...]]]] = defaultdict(list)
+        self.anchored: set[int] = set()
+
+    def add(self, edit: int, variants: Iterable[Sequence[int]]) -> None:
+        for ids in variants:
+            if ids:
+                self._by_first[int(ids[0])].append((edit, tuple(int(t) for t in ids)))
+                self.anchored.add(edit)
+
+    def mentioned(self, tokens: Sequence[int]) -> frozenset[int]:
+        """Edits one of whose anchors occurs (contiguously) in `tokens`."""
+        tokens = [int(t) for t in tokens]
+        found = set()
+        for start, token in enumerate(tokens):
+            for edit, ids in self._by_first.get(token, ()):
+                if tuple(tokens[start : start + len(ids)]) == ids:
+                    found.add(edit)
+        return frozenset(found)

@@ -96,6 +96,7 @@ def edit(
     except _user_errors() as exc:
         fail(str(exc))
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    anchoring = getattr(runner.edited.memory.config, "subject_anchor", False)
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("editing", total=len(facts))
 
@@ -105,6 +106,10 @@ def edit(
             state = "committed" if status == "added" else "already stored as"
             replaces = f", supersedes edit {record['supersedes']}" if status == "added" and "supersedes" in record else ""
             progress.console.print(f"{fact.where}: {state} edit {record['id']} (version {record['version']}{replaces})", highlight=False, soft_wrap=True)
+            if status == "added" and anchoring and "anchors" not in record:
+                progress.console.print(f"[yellow]{fact.where}: no subject given or found in the prompt: this edit is routed on "
+                                       "its key alone and may reach questions of the same shape; add a 'subject' field[/yellow]",
+                                       highlight=False, soft_wrap=True)
 
         try:
             report = runner.apply(facts, progress=advance, by=_provenance())
@@ -213,16 +218,17 @@ def route(
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return
     table = Table(title=f"nearest {len(result['candidates'])} of {edited.memory.num_edits} edits ({result['method']})")
-    for column in ("edit", "score", "threshold", "passes", "edited fact"):
+    for column in ("edit", "score", "threshold", "subject named", "passes", "edited fact"):
         table.add_column(column)
     for entry in result["candidates"]:
         fact = f"{entry['prompt']} -> {entry['target']}" if "prompt" in entry else ""
-        table.add_row(entry["edit"], f"{entry['score']:.3f}", f"{entry['threshold']:.3f}", "yes" if entry["passes"] else "no", fact)
+        table.add_row(entry["edit"], f"{entry['score']:.3f}", f"{entry['threshold']:.3f}", "yes" if entry["subject_named"] else "no",
+                      "yes" if entry["passes"] else "no", fact)
     Console().print(table)
     if result["route"] >= 0:
         print(f"decision: {result['edit']} (score {result['score']:.3f})" + (f": {result['prompt']} -> {result['target']}" if "prompt" in result else ""))
     else:
-        print(f"decision: no edit (best score {result['score']:.3f} is below every threshold)")
+        print("decision: no edit (no edit whose subject the question names scores above the threshold)")
 
 
 @app.command()

@@ -298,3 +298,25 @@ def test_memoir_anchored_routing_keeps_the_newest_edit_on_ties():
     memory.add_edit(memory.key(a), anchors=[[5]])
     memory.add_edit(memory.key(a), anchors=[[5]])  # the same question edited again
     assert memory.route(a, [memory.mentioned([5])])[0].item() == 1
+
+
+def test_memoir_mixed_anchored_and_unanchored_routing_equals_the_dense_eligible_rule():
+    """Unanchored edits through the FAISS index, named anchored edits directly: the same decision
+    as the dense rule over every eligible key (the newest on ties), for random mentions."""
+    memory = memoir(k=16, tau=0.3)
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(4, I, generator=generator)
+    for step in range(24):
+        mean = base[step % 4][None] if step % 3 else torch.randn(1, I, generator=generator)
+        memory.add_edit(memory.key(torch.cat([mean, mean + 0.3 * torch.randn(1, I, generator=generator)])),
+                        anchors=[[step]] if step % 2 else [])
+    queries = torch.cat([base, torch.randn(4, I, generator=generator)])
+    mentions = [frozenset(torch.randint(0, 24, (3,), generator=generator).tolist()) for _ in queries]
+    routes, scores = memory.route(queries, mentions)
+    overlaps = memory.overlaps(memory.key(queries))
+    for row, named in enumerate(mentions):
+        allowed = memory.eligible(named)[memory.key_owner]
+        masked = torch.where(allowed, overlaps[row], torch.tensor(-1.0))
+        top = masked.max()
+        want = int(memory.key_owner[(masked == top).nonzero().max()]) if top >= 0.3 else NO_ROUTE
+        assert routes[row].item() == want and abs(scores[row].item() - top.item()) < 1e-6

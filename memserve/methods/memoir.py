@@ -116,14 +116,17 @@ class MemoirMemory(EditMemory):
         return (query_masks.float() @ self.route_keys.float().T) / self.config.top_k
 
     def best_keys(self, query_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each query mask, the stored routing key overlapping it most, the newest one on ties
-        (keys are in edit order, so a re-edit of a prompt replaces the old answer), and that overlap
-        |q ∩ key| / k: [B, I] -> ([B] key index, [B] overlap).
+        """For each query mask, the routing key of an *unanchored* edit (every edit when anchors are
+        off) overlapping it most, the newest one on ties (keys are in edit order, so a re-edit of a
+        prompt replaces the old answer), and that overlap |q ∩ key| / k: [B, I] -> ([B] key index,
+        -1 if there is none; [B] overlap).
 
         Exhaustive and exact, through a FAISS binary index: every mask has exactly k bits set, so
         |q ∩ key| = k - hamming(q, key) / 2. A dense [B, I] x [I, K] float product costs ~10 ms per
         routed request at 10,000 edits; the index ~0.1 ms."""
-        index = self._faiss_keys()
+        index, rows = self._faiss_keys()
+        if index.ntotal == 0:
+            return torch.full((len(query_masks),), -1, dtype=torch.long), torch.zeros(len(query_masks))
         queries = np.packbits(query_masks.numpy(), axis=1)
         count = min(TIE_PROBE, index.ntotal)
         distances, ids = index.search(queries, count)
@@ -133,29 +136,49 @@ class MemoirMemory(EditMemory):
         if unsure.any():
             best[unsure] = newest_nearest(*index.search(queries[unsure], index.ntotal))
         overlap = (self.config.top_k - torch.from_numpy(nearest).float() / 2) / self.config.top_k
-        return torch.from_numpy(best), overlap
+        return rows[torch.from_numpy(best)], overlap
 
-    def _faiss_keys(self):
-        """FAISS binary index over `route_keys` (row j = key j), kept in step with `add_edit`."""
-        if self._key_index is None or self._key_index.ntotal != len(self.route_keys):
+    def _faiss_keys(self) -> tuple[Any, torch.Tensor]:
+        """FAISS binary index over the routing keys of unanchored edits (all edits without anchors),
+        and the key index of each of its rows; kept in step with `add_edit`."""
+        if self._key_index is None:
             import faiss
 
-            self._key_index = faiss.IndexBinaryFlat(8 * ((self.intermediate_size + 7) // 8))
-            if len(self.route_keys):
-                self._key_index.add(np.packbits(self.route_keys.numpy(), axis=1))
+            free = ~self.anchored_edits()[self.key_owner]
+            rows = free.nonzero().squeeze(1)
+            index = faiss.IndexBinaryFlat(8 * ((self.intermediate_size + 7) // 8))
+            if len(rows):
+                index.add(np.packbits(self.route_keys[rows].numpy(), axis=1))
+            self._key_index = (index, rows)
         return self._key_index
+
+    def anchored_edits(self) -> torch.Tensor:
+        """[E] bool: the edits that only questions naming their subject may reach."""
+        anchored = torch.zeros(self.num_edits, dtype=torch.bool)
+        if self.config.subject_anchor and self.anchors.anchored:
+            anchored[sorted(self.anchors.anchored)] = True
+        return anchored
 
     def route(self, mean_stats: torch.Tensor, mentions: Sequence[frozenset[int] | None] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The edit whose key overlaps the query's most among the eligible ones (`eligible`), if that
+        overlap reaches `tau`. Unanchored edits are searched through the FAISS index; the few anchored
+        edits a question names are compared directly."""
         batch = mean_stats.shape[0]
         if self.num_edits == 0:
             return torch.full((batch,), NO_ROUTE, dtype=torch.long), torch.zeros(batch)
         queries = self.key(mean_stats)
-        if self.config.subject_anchor and self.anchors.anchored:
-            best, best_score = self.best_eligible(queries, [None] * batch if mentions is None else mentions)
-        else:
-            best_key, best_score = self.best_keys(queries)
-            best = self.key_owner[best_key]
+        best_key, best_score = self.best_keys(queries)
+        for row, named in enumerate(mentions or ()):
+            if not named or not self.config.subject_anchor:
+                continue
+            keys = torch.isin(self.key_owner, torch.tensor(sorted(named))).nonzero().squeeze(1)
+            overlaps = (self.route_keys[keys].float() @ queries[row].float()) / self.config.top_k
+            top = overlaps.max()
+            newest = int(keys[overlaps == top].max())
+            if top > best_score[row] or (top == best_score[row] and newest > best_key[row]):
+                best_key[row], best_score[row] = newest, top
+        best = torch.where(best_key >= 0, self.key_owner[best_key.clamp_min(0)], torch.full_like(best_key, NO_ROUTE))
         routes = torch.where(best_score >= self.config.tau, best, torch.full_like(best, NO_ROUTE))
         return routes, best_score
 
@@ -164,27 +187,9 @@ class MemoirMemory(EditMemory):
 
     def eligible(self, mentions: frozenset[int] | None) -> torch.Tensor:
         """Edits a question may reach: those whose subject it names, and those without an anchor."""
-        allowed = torch.ones(self.num_edits, dtype=torch.bool)
-        if self.config.subject_anchor:
-            allowed[sorted(self.anchors.anchored)] = False
-            allowed[sorted(mentions or ())] = True
+        allowed = ~self.anchored_edits()
+        allowed[sorted(mentions or ())] = True
         return allowed
-
-    def best_eligible(self, queries: torch.Tensor, mentions: Sequence[frozenset[int] | None]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per query mask, the eligible edit whose key overlaps it most (the newest on ties) and that
-        overlap; (NO_ROUTE, 0) when no edit is eligible. Exact and dense over the eligible keys only:
-        a question names few subjects, so this stays cheap however many edits the store holds."""
-        best = torch.full((len(queries),), NO_ROUTE, dtype=torch.long)
-        score = torch.zeros(len(queries))
-        for row, (query, named) in enumerate(zip(queries, mentions)):
-            keys = self.eligible(named)[self.key_owner].nonzero().squeeze(1)
-            if keys.numel():
-                overlaps = (self.route_keys[keys].float() @ query.float()) / self.config.top_k
-                top = overlaps.max()
-                best[row] = self.key_owner[keys[overlaps == top].max()]
-                score[row] = top
-        return best, score
 
     def candidates(self, mean_stats: torch.Tensor, mentions: frozenset[int] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -268,6 +273,7 @@ class MemoirMemory(EditMemory):
         self.anchors = AnchorIndex()
         for edit, variants in enumerate(anchors):
             self.anchors.add(edit, variants)
+        self._key_index = None
 
     def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
         for name in ("residual", "permutation", "background"):
@@ -281,12 +287,16 @@ class MemoirMemory(EditMemory):
     def add_edit(self, keys: torch.Tensor, anchors: Sequence[Sequence[int]] = ()) -> None:
         """Append an edit whose column mask is `keys[0]`, whose routing keys are `keys` [n, I] and
         whose subject appears as one of the token id sequences `anchors` (none: unanchored)."""
+        free = not (self.config.subject_anchor and any(anchors))
         self.anchors.add(self.num_edits, anchors)
+        first = len(self.route_keys)
         self.column_weights = torch.cat([self.column_weights, self.weights_of(keys[:1])])
         self.route_keys = torch.cat([self.route_keys, keys])
         self.key_owner = torch.cat([self.key_owner, torch.full((len(keys),), self.num_edits - 1)])
-        if self._key_index is not None:
-            self._key_index.add(np.packbits(keys.numpy(), axis=1))
+        if self._key_index is not None and free:  # anchored keys are compared directly, not indexed
+            index, rows = self._key_index
+            index.add(np.packbits(keys.numpy(), axis=1))
+            self._key_index = (index, torch.cat([rows, torch.arange(first, first + len(keys))]))
 
 
 class MemoirSession(EditSession):

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from memserve.models import cache_dir
 
-# Bump when the trainer changes what an edit stores, so fixtures are rebuilt (2: chat routing keys).
-FIXTURE_REVISION = 2
+# Bump when the trainer changes what an edit stores, so fixtures are rebuilt (2: chat routing keys,
+# 3: subject anchors).
+FIXTURE_REVISION = 3
 
 
 def test_facts(count: int):

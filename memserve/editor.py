@@ -101,7 +101,8 @@ class EditSessionRunner:
                 if progress:
                     progress(fact, "skipped", self.store.record(stored))
                 continue
-            count = getattr(self.edited.memory.config, "negatives", 1)  # WISE's hinge loss may use several
+            # out-of-scope rows feed WISE's routing hinge loss; MEMOIR's loss never reads them
+            count = getattr(self.edited.memory.config, "negatives", 0)
             pool, first = self.out_of_scope, self.store.num_edits * count
             negatives = [(pool[(first + j) % len(pool)], "") for j in range(count)]
             batch = edit_batch(self.edited, fact, self.prefixes, negatives)

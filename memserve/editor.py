@@ -46,7 +46,7 @@ def load_memory(store: Store, base_weight: torch.Tensor) -> EditMemory:
     m = store.manifest
     memory = build_memory(m["method"], m["config"], base_weight)
     memory.load_state(store.tensors(), *store.routing_keys(base_weight.shape[1]))
-    memory.load_anchors([record.get("anchors", []) for record in store.records()])
+    memory.load_anchors([(record.get("anchors", []), record.get("anchor_suffices", False)) for record in store.records()])
     return memory
 
 

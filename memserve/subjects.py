@@ -11,7 +11,10 @@ then decides among those, against the same threshold.
 
 The subject comes from the fact's `subject` field, or else `infer_subject` takes the longest run of
 capitalised or numeric words (names, codes, titles). A fact with neither has no anchor and routes on
-its key alone, as before.
+its key alone, as before. When the subject is most of the edited prompt ("5G is", "Climate change"),
+the prompt says nothing about the kind of question beyond its subject, so naming the subject is
+enough: such an edit is *sufficient* and skips the key threshold (long passages that name the topic
+keep only ~.42 key overlap with a two-word prompt).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from typing import Iterable, Sequence
+
+SUFFICIENT_SHARE = 0.5  # the subject covers at least this share of the prompt's tokens
 
 # Lowercase words that may sit inside a name ("Duke of la Torre", "Vincent van Gogh").
 _JOINERS = {"of", "de", "la", "le", "van", "von", "der", "den", "du", "da", "di", "del", "the", "and", "&", "y"}
@@ -91,12 +96,15 @@ class AnchorIndex:
     def __init__(self):
         self._by_first: dict[int, list[tuple[int, tuple[int, ...]]]] = defaultdict(list)
         self.anchored: set[int] = set()
+        self.sufficient: set[int] = set()  # edits whose prompt is (mostly) its subject: naming it is enough
 
-    def add(self, edit: int, variants: Iterable[Sequence[int]]) -> None:
+    def add(self, edit: int, variants: Iterable[Sequence[int]], sufficient: bool = False) -> None:
         for ids in variants:
             if ids:
                 self._by_first[int(ids[0])].append((edit, tuple(int(t) for t in ids)))
                 self.anchored.add(edit)
+        if sufficient and edit in self.anchored:
+            self.sufficient.add(edit)
 
     def mentioned(self, tokens: Sequence[int]) -> frozenset[int]:
         """Edits one of whose anchors occurs (contiguously) in `tokens`."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .facts import Fact
 from .hf import EditedModel
 from .methods import EditExamples, EditSession, mean_prompt_stats
-from .subjects import AnchorIndex, anchor_tokens, infer_subject
+from .subjects import SUFFICIENT_SHARE, AnchorIndex, anchor_tokens, infer_subject
 
 PREFIX_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 PREFIX_LENGTHS = (5,)  # (5, 10) on ZsRE dev: no better, and twice the rows to train on
@@ -45,6 +45,7 @@ class TokenBatch:
     in_scope: list[bool]
     key_rows: tuple[int, ...] = (0,)
     anchors: tuple[tuple[int, ...], ...] = ()
+    anchor_suffices: bool = False
 
 
 def prompt_and_answer(edited: EditedModel, prompt: str, answer: str) -> tuple[list[int], int]:
@@ -73,21 +74,21 @@ def edit_batch(
     if edited.chat.available:
         rows.append(chat_prompt_and_answer(edited, fact.prompt, fact.target))
     key_rows = tuple(range(len(rows)))
-    anchors = edit_anchors(edited, fact, [seq[:plen] for seq, plen in rows])
+    anchors, suffices = edit_anchors(edited, fact, [seq[:plen] for seq, plen in rows])
     eos = edited.tokenizer.eos_token_id
     if edited.memory.config.stop_after_answer and eos is not None:
         rows = [(seq + [eos], plen) for seq, plen in rows]
     rows += [prompt_and_answer(edited, f"{prefix}. {fact.prompt}", fact.target) for prefix in prefixes]
     in_scope = [True] * len(rows) + [False] * len(negatives)
     rows += [prompt_and_answer(edited, *negative) for negative in negatives]
-    return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows, anchors)
+    return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows, anchors, suffices)
 
 
-def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) -> tuple[tuple[tuple[int, ...], ...], bool]:
     """Token id variants of the fact's subject (its `subject`, and the name `infer_subject` finds
     inside it: temporal data gives "5G is" where questions say "5G"; without `subject`, the inferred
     name), or () when it has none or one of its own key prompts would not name it (it then routes on
-    its key alone)."""
+    its key alone); and whether the subject is most of the bare prompt (`subjects.SUFFICIENT_SHARE`)."""
     inferred = infer_subject(fact.prompt)
     subjects = [s for s in (fact.subject, inferred) if s]
     if fact.subject and inferred and inferred not in fact.subject:
@@ -95,14 +96,22 @@ def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) 
     variants = list(dict.fromkeys(tuple(ids) for subject in subjects
                                   for ids in anchor_tokens(edited.tokenizer, subject, fact.prompt)))
     if not variants:
-        return ()
+        return (), False
     index = AnchorIndex()
     index.add(0, variants)
     for prompt in key_prompts:
         start, end = edited.chat.routing_span(prompt)
         if 0 not in index.mentioned(prompt[start:end]):
-            return ()
-    return tuple(variants)
+            return (), False
+    bare = key_prompts[0]
+    longest = max(len(ids) for ids in variants if 0 in _single(ids).mentioned(bare))
+    return tuple(variants), longest >= SUFFICIENT_SHARE * len(bare)
+
+
+def _single(ids: tuple[int, ...]) -> AnchorIndex:
+    index = AnchorIndex()
+    index.add(0, [ids])
+    return index
 
 
 class _Stop(Exception):
@@ -167,7 +176,7 @@ def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:
                 cols.append(pos - 1)
                 targets.append(seq[pos])
     examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope, key_rows=batch.key_rows,
-                             anchors=batch.anchors)
+                             anchors=batch.anchors, anchor_suffices=batch.anchor_suffices)
     row_stats = mean_prompt_stats(edited.memory, a, prompt_mask)
     return Prepared(ids, examples, row_stats, hidden, uppers, apply_rows, apply_cols, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 

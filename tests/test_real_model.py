@@ -57,3 +57,25 @@ def test_stop_after_answer_ends_the_answer_on_default_model(tmp_path, default_mo
         said = [edited.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
         assert sum(text == f.target for text, f in zip(said, facts)) >= 2, said
     runner.store.close()
+
+
+def test_unedited_questions_of_the_same_shape_stay_unedited_on_default_model():
+    """Specificity where prompt-mean keys alone failed (README "Specificity: subject anchors"): with
+    24 real edits (six hand-written, then ZsRE dev), the other 24 fixture questions (same ZsRE
+    templates, other subjects) reach no edit and keep their answers, as written and as chat turns,
+    while the edits' rephrases reach their own edit."""
+    from memserve.editor import load_reference
+    from memserve.evaluate import HFBackend, evaluate
+    from memserve.serving.testing import cached_store, test_facts
+    from memserve.store import Store
+
+    facts = test_facts(48)
+    store = cached_store(24)
+    with Store.open(store) as opened:
+        ids = [opened.find(f.key) for f in facts[:24]]
+    edited = load_reference(store)
+    result = evaluate(edited, HFBackend(edited), facts[:24], ids, generation=False, unedited=facts[24:])
+    for form in (result, result["chat"]):
+        assert form["unedited"]["reach_an_edit"] == 0.0 and form["unedited"]["answers_unchanged"] == 1.0, form["unedited"]
+        assert form["rel"] >= 0.97
+    assert result["routing"]["rephrase_to_own_edit"] >= 0.95 and result["gen"] >= 0.9

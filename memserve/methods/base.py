@@ -87,6 +87,7 @@ class EditExamples:
     in_scope: torch.Tensor  # [S] bool
     key_rows: tuple[int, ...] = (0,)
     anchors: tuple[tuple[int, ...], ...] = ()  # token ids of the edit's subject (`memserve.subjects`)
+    anchor_suffices: bool = False  # the subject is most of the prompt: naming it is enough
 
 
 class EditSession:
@@ -178,8 +179,9 @@ class EditMemory(nn.Module):
         """Dense state to persist after each edit (per-edit keys are stored with the edit)."""
         raise NotImplementedError
 
-    def load_anchors(self, anchors: Sequence[Sequence[Sequence[int]]]) -> None:
-        """Each edit's subject anchors, in edit order (a method without anchors ignores them)."""
+    def load_anchors(self, anchors: Sequence[tuple[Sequence[Sequence[int]], bool]]) -> None:
+        """Each edit's subject anchor variants and whether naming them suffices, in edit order (a
+        method without anchors ignores them)."""
 
     def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
         """Restore from `state_tensors()` output and the stored routing keys [K, I] (may be empty),

@@ -169,18 +169,28 @@ class MemoirMemory(EditMemory):
             return torch.full((batch,), NO_ROUTE, dtype=torch.long), torch.zeros(batch)
         queries = self.key(mean_stats)
         best_key, best_score = self.best_keys(queries)
+        passes = best_score >= self.config.tau
         for row, named in enumerate(mentions or ()):
             if not named or not self.config.subject_anchor:
                 continue
             keys = torch.isin(self.key_owner, torch.tensor(sorted(named))).nonzero().squeeze(1)
             overlaps = (self.route_keys[keys].float() @ queries[row].float()) / self.config.top_k
-            top = overlaps.max()
-            newest = int(keys[overlaps == top].max())
-            if top > best_score[row] or (top == best_score[row] and newest > best_key[row]):
-                best_key[row], best_score[row] = newest, top
-        best = torch.where(best_key >= 0, self.key_owner[best_key.clamp_min(0)], torch.full_like(best_key, NO_ROUTE))
-        routes = torch.where(best_score >= self.config.tau, best, torch.full_like(best, NO_ROUTE))
-        return routes, best_score
+            ok = (overlaps >= self.config.tau) | self.thresholds()[self.key_owner[keys]].eq(0)
+            if not ok.any():
+                continue
+            top = overlaps[ok].max()
+            newest = int(keys[ok & (overlaps == top)].max())
+            if not passes[row] or top > best_score[row] or (top == best_score[row] and newest > best_key[row]):
+                best_key[row], best_score[row], passes[row] = newest, top, True
+        best = torch.where(passes & (best_key >= 0), self.key_owner[best_key.clamp_min(0)], NO_ROUTE)
+        return best, best_score
+
+    def thresholds(self) -> torch.Tensor:
+        """[E] each edit's key threshold: `tau`, or 0 for an edit whose subject alone is enough."""
+        out = torch.full((self.num_edits,), float(self.config.tau))
+        if self.config.subject_anchor and self.anchors.sufficient:
+            out[sorted(self.anchors.sufficient)] = 0.0
+        return out
 
     def mentioned(self, tokens: Sequence[int]) -> frozenset[int] | None:
         return self.anchors.mentioned(tokens) if self.config.subject_anchor else None
@@ -203,7 +213,7 @@ class MemoirMemory(EditMemory):
         allowed = self.eligible(mentions)
         order = torch.tensor(sorted(range(self.num_edits), key=lambda e: (not allowed[e], -float(per_edit[e]), -e)),
                              dtype=torch.long)
-        return order, per_edit[order], torch.full((self.num_edits,), float(self.config.tau)), allowed[order]
+        return order, per_edit[order], self.thresholds()[order], allowed[order]
 
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         routed = routes >= 0
@@ -268,11 +278,11 @@ class MemoirMemory(EditMemory):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"residual": self.residual, "permutation": self.permutation, "background": self.background}
 
-    def load_anchors(self, anchors: Sequence[Sequence[Sequence[int]]]) -> None:
-        """Each edit's subject anchor variants, in edit order (empty: the edit has none)."""
+    def load_anchors(self, anchors: Sequence[tuple[Sequence[Sequence[int]], bool]]) -> None:
+        """Each edit's subject anchor variants (none: unanchored) and whether naming them suffices."""
         self.anchors = AnchorIndex()
-        for edit, variants in enumerate(anchors):
-            self.anchors.add(edit, variants)
+        for edit, (variants, sufficient) in enumerate(anchors):
+            self.anchors.add(edit, variants, sufficient)
         self._key_index = None
 
     def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
@@ -284,11 +294,12 @@ class MemoirMemory(EditMemory):
         self.route_keys, self.key_owner = keys.clone(), owners.clone()
         self._key_index = None
 
-    def add_edit(self, keys: torch.Tensor, anchors: Sequence[Sequence[int]] = ()) -> None:
+    def add_edit(self, keys: torch.Tensor, anchors: Sequence[Sequence[int]] = (), anchor_suffices: bool = False) -> None:
         """Append an edit whose column mask is `keys[0]`, whose routing keys are `keys` [n, I] and
-        whose subject appears as one of the token id sequences `anchors` (none: unanchored)."""
+        whose subject appears as one of the token id sequences `anchors` (none: unanchored; naming
+        it is enough with `anchor_suffices`)."""
         free = not (self.config.subject_anchor and any(anchors))
-        self.anchors.add(self.num_edits, anchors)
+        self.anchors.add(self.num_edits, anchors, anchor_suffices)
         first = len(self.route_keys)
         self.column_weights = torch.cat([self.column_weights, self.weights_of(keys[:1])])
         self.route_keys = torch.cat([self.route_keys, keys])
@@ -312,6 +323,7 @@ class MemoirSession(EditSession):
         self.column_signs = memory.weights_of(self.mask[None])[0, self.columns].float()
         self.weight = memory.residual[:, self.columns].clone().requires_grad_(True)
         self.anchors = examples.anchors if memory.config.subject_anchor else ()
+        self.anchor_suffices = examples.anchor_suffices
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.weight]
@@ -327,5 +339,6 @@ class MemoirSession(EditSession):
         memory = self.memory
         memory.residual[:, self.columns] = self.weight.detach()
         anchors = [list(ids) for ids in self.anchors]
-        memory.add_edit(self.keys, anchors)
-        return {"key": self.keys, **({"anchors": anchors} if anchors else {})}
+        suffices = bool(anchors) and self.anchor_suffices
+        memory.add_edit(self.keys, anchors, suffices)
+        return {"key": self.keys, **({"anchors": anchors} if anchors else {}), **({"anchor_suffices": True} if suffices else {})}

@@ -11,10 +11,10 @@ then decides among those, against the same threshold.
 
 The subject comes from the fact's `subject` field, or else `infer_subject` takes the longest run of
 capitalised or numeric words (names, codes, titles). A fact with neither has no anchor and routes on
-its key alone, as before. When the subject is most of the edited prompt ("5G is", "Climate change"),
-the prompt says nothing about the kind of question beyond its subject, so naming the subject is
-enough: such an edit is *sufficient* and skips the key threshold (long passages that name the topic
-keep only ~.42 key overlap with a two-word prompt).
+its key alone, as before. When the edited prompt is its subject and function words only ("5G is",
+"Climate change"), it says nothing about the kind of question beyond the subject, so naming the
+subject is enough: such an edit *suffices* and skips the key threshold (long passages that name the
+topic keep only ~.42 key overlap with a two-word prompt).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import re
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-SUFFICIENT_SHARE = 0.5  # the subject covers at least this share of the prompt's tokens
+# Words that say nothing about what is asked: a prompt made of its subject and these ("5G is",
+# "Meghan Markle,") is about the subject as a whole.
+_FUNCTION_WORDS = {"is", "are", "was", "were", "be", "the", "a", "an", "of", "s", "has", "had", "have"}
 
 # Lowercase words that may sit inside a name ("Duke of la Torre", "Vincent van Gogh").
 _JOINERS = {"of", "de", "la", "le", "van", "von", "der", "den", "du", "da", "di", "del", "the", "and", "&", "y"}
@@ -69,6 +71,12 @@ def infer_subject(prompt: str) -> str | None:
             best = text
         i = j + 1
     return best
+
+
+def subject_suffices(prompt: str, subject: str) -> bool:
+    """True when `prompt` is `subject` plus function words only: any question naming it is about it."""
+    rest = prompt.replace(subject, " ", 1) if subject in prompt else prompt
+    return subject in prompt and all(word.lower() in _FUNCTION_WORDS for word in re.findall(r"\w+", rest))
 
 
 def anchor_tokens(tokenizer, subject: str, prompt: str) -> list[list[int]]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .facts import Fact
 from .hf import EditedModel
 from .methods import EditExamples, EditSession, mean_prompt_stats
-from .subjects import SUFFICIENT_SHARE, AnchorIndex, anchor_tokens, infer_subject
+from .subjects import AnchorIndex, anchor_tokens, infer_subject, subject_suffices
 
 PREFIX_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 PREFIX_LENGTHS = (5,)  # (5, 10) on ZsRE dev: no better, and twice the rows to train on
@@ -88,7 +88,7 @@ def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) 
     """Token id variants of the fact's subject (its `subject`, and the name `infer_subject` finds
     inside it: temporal data gives "5G is" where questions say "5G"; without `subject`, the inferred
     name), or () when it has none or one of its own key prompts would not name it (it then routes on
-    its key alone); and whether the subject is most of the bare prompt (`subjects.SUFFICIENT_SHARE`)."""
+    its key alone); and whether naming the subject suffices (`subjects.subject_suffices`)."""
     inferred = infer_subject(fact.prompt)
     subjects = [s for s in (fact.subject, inferred) if s]
     if fact.subject and inferred and inferred not in fact.subject:
@@ -103,15 +103,7 @@ def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) 
         start, end = edited.chat.routing_span(prompt)
         if 0 not in index.mentioned(prompt[start:end]):
             return (), False
-    bare = key_prompts[0]
-    longest = max(len(ids) for ids in variants if 0 in _single(ids).mentioned(bare))
-    return tuple(variants), longest >= SUFFICIENT_SHARE * len(bare)
-
-
-def _single(ids: tuple[int, ...]) -> AnchorIndex:
-    index = AnchorIndex()
-    index.add(0, [ids])
-    return index
+    return tuple(variants), any(subject_suffices(fact.prompt, subject) for subject in subjects)
 
 
 class _Stop(Exception):

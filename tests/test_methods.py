@@ -1,5 +1,6 @@
 """Routing rules and memory arithmetic of both methods, on small random tensors."""
 
+import pytest
 import torch
 
 from memserve.methods import NO_ROUTE, MemoirConfig, MemoirMemory, WiseConfig, WiseMemory, route_explanation
@@ -320,3 +321,15 @@ def test_memoir_mixed_anchored_and_unanchored_routing_equals_the_dense_eligible_
         top = masked.max()
         want = int(memory.key_owner[(masked == top).nonzero().max()]) if top >= 0.3 else NO_ROUTE
         assert routes[row].item() == want and abs(scores[row].item() - top.item()) < 1e-6
+
+
+def test_memoir_an_edit_whose_subject_suffices_is_reached_by_naming_it_whatever_the_key():
+    memory = memoir(k=16, tau=0.9)
+    a = torch.randn(2, I)
+    memory.add_edit(memory.key(a[:1]), anchors=[[4]], anchor_suffices=True)
+    memory.add_edit(memory.key(a[:1]), anchors=[[5]])
+    far = torch.randn(1, I)  # its key overlaps neither edit's key by anything near tau
+    assert memory.route(far, [memory.mentioned([1, 4])])[0].item() == 0
+    assert memory.route(far, [memory.mentioned([1, 5])])[0].item() == NO_ROUTE
+    assert memory.route(far, [memory.mentioned([1, 2])])[0].item() == NO_ROUTE
+    assert memory.thresholds().tolist() == pytest.approx([0.0, 0.9])

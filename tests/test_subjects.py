@@ -62,6 +62,7 @@ def test_same_template_question_about_another_subject_does_not_reach_the_edit(ti
         record = runner.store.record(0)
         runner.store.close()
         assert record["anchors"] and record["fact"].get("subject") is None  # inferred: "Australia"
+        assert "anchor_suffices" not in record  # "Australia" is one word of a question: the key still decides
         edited = load_reference(store)
         prompts = ["What is the capital of Australia?", "Which city is Australia's capital?", "What is the capital of Austria?"]
         for chat in (False, True):
@@ -70,3 +71,33 @@ def test_same_template_question_about_another_subject_does_not_reach_the_edit(ti
             assert routes.tolist()[0] == 0 and routes.tolist()[2] == -1, (chat, routes)
             explained = edited.explain(ids[2])
             assert explained["candidates"][0]["subject_named"] is False
+
+
+def test_an_edit_whose_prompt_is_its_subject_is_marked_sufficient(tiny_model_dir):
+    from memserve.editor import load_memory, open_session
+    from memserve.models import down_proj
+
+    from .conftest import tiny_config
+
+    facts = [Fact("5G is", "a cellular network standard", subject="5G is"), Fact("Who founded Acme Robotics?", "Dana")]
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = open_session(Path(tmp) / "store", model_path=tiny_model_dir, config=tiny_config(steps=2), facts=facts)
+        runner.apply(facts)
+        records = [runner.store.record(i) for i in range(2)]
+        memory = load_memory(runner.store, down_proj(runner.edited.model, runner.edited.layer).weight)
+        runner.store.close()
+    assert records[0].get("anchor_suffices") is True and "anchor_suffices" not in records[1]
+    assert memory.anchors.sufficient == {0} and memory.anchors.anchored == {0, 1}
+
+
+@pytest.mark.parametrize("prompt, subject, suffices", [
+    ("5G is", "5G", True), ("Climate change", "Climate change", True), ("Meghan Markle,", "Meghan Markle", True),
+    ("Who founded Acme Robotics?", "Acme Robotics", False), ("Danielle Darrieux's mother tongue is", "Danielle Darrieux", False),
+])
+def test_naming_the_subject_suffices_only_when_the_prompt_asks_nothing_else(prompt, subject, suffices):
+    from memserve.subjects import subject_suffices
+
+    assert subject_suffices(prompt, subject) is suffices

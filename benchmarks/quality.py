@@ -113,23 +113,36 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
     if args.plot and len(rows) > 1:
-        import matplotlib
+        plot(rows, args.plot, f"{args.method} on {args.dataset}")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for metric, color in (("rel", "C0"), ("gen", "C1"), ("loc", "C2")):
-            ax.plot([r["T"] for r in rows], [r[metric] for r in rows], marker="o", color=color, label=metric)
-            if all("chat" in r for r in rows):
-                ax.plot([r["T"] for r in rows], [r["chat"][metric] for r in rows], marker="x", ls="--", color=color, label=f"{metric} (chat)")
-        ax.set_xscale("log")
-        ax.set_xlabel("edits in one stream (T)")
-        ax.set_ylabel("score on the final model")
-        ax.set_title(f"{args.method} on {args.dataset} dev")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot)
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Rel/Gen/Loc (as written and as chat turns) and, where measured, the share of never-edited
+    questions that reach an edit, against T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ts = [r["T"] for r in rows]
+    for metric, color in (("rel", "C0"), ("gen", "C1"), ("loc", "C2")):
+        ax.plot(ts, [r[metric] for r in rows], marker="o", color=color, label=metric)
+        if all("chat" in r for r in rows):
+            ax.plot(ts, [r["chat"][metric] for r in rows], marker="x", ls="--", color=color, label=f"{metric} (chat)")
+    if all("unedited" in r for r in rows):
+        ax.plot(ts, [r["unedited"]["reach_an_edit"] for r in rows], marker="s", color="C3", label="unedited reaching an edit")
+        if all("unedited" in r.get("chat", {}) for r in rows):
+            ax.plot(ts, [r["chat"]["unedited"]["reach_an_edit"] for r in rows], marker="s", ls="--", color="C3",
+                    label="unedited reaching an edit (chat)")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("edits in one stream (T)")
+    ax.set_ylabel("share, on the final model")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,11 @@ def run_demo(store: Path) -> None:
         table.add_row(question, kind, decode(b), decode(n) + same, label)
     console.print(table)
     if leaked:
-        console.print(f"[red]{leaked} of {len(NEIGHBOURS)} questions nobody edited reached an edit[/red]: routing "
-                      "keys capture a question's shape more than its subject (a known limit, see the README, "
-                      "'Measured quality'); `memserve route QUESTION --chat` shows the scores.", highlight=False)
+        console.print(f"[red]{leaked} of {len(NEIGHBOURS)} questions nobody edited reached an edit[/red] (README, "
+                      "'Specificity'); `memserve route QUESTION --chat` shows why.", highlight=False)
+    else:
+        console.print(f"None of the {len(NEIGHBOURS)} questions nobody edited reached an edit: an edit applies to "
+                      "questions that name its subject.", highlight=False)
     body = {"model": served_name, "messages": [{"role": "user", "content": facts[-1].rephrases[0] if facts[-1].rephrases
                                                 else facts[-1].prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
     console.print("Serve it over HTTP (OpenAI API):", highlight=False)

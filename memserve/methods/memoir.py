@@ -170,12 +170,13 @@ class MemoirMemory(EditMemory):
         queries = self.key(mean_stats)
         best_key, best_score = self.best_keys(queries)
         passes = best_score >= self.config.tau
+        thresholds = self.thresholds() if mentions else None  # once per batch, not per request
         for row, named in enumerate(mentions or ()):
             if not named or not self.config.subject_anchor:
                 continue
             keys = torch.isin(self.key_owner, torch.tensor(sorted(named))).nonzero().squeeze(1)
             overlaps = (self.route_keys[keys].float() @ queries[row].float()) / self.config.top_k
-            ok = (overlaps >= self.config.tau) | self.thresholds()[self.key_owner[keys]].eq(0)
+            ok = (overlaps >= self.config.tau) | thresholds[self.key_owner[keys]].eq(0)
             if not ok.any():
                 continue
             top = overlaps[ok].max()

@@ -41,7 +41,7 @@ DATASETS = {
 
 
 def run(dataset: str, method: str, counts: list[int | None], config: dict, generation: bool, vllm: bool,
-        offset: int = 0, probes_limit: int | None = None) -> list[dict]:
+        offset: int = 0, probes_limit: int | None = None, keep_store: Path | None = None) -> list[dict]:
     stream, probe_file = DATASETS[dataset]
     facts, invalid = read_facts(DATA / stream, skip_invalid=True)
     facts = facts[offset:]
@@ -76,6 +76,8 @@ def run(dataset: str, method: str, counts: list[int | None], config: dict, gener
                                     unedited=probes)
             rows[-1]["vllm"] = served
             print(json.dumps({"vllm": summary(served)}), flush=True)
+        if keep_store is not None:
+            shutil.move(workdir / "store", keep_store)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return rows
@@ -104,12 +106,16 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="method option key=value (JSON value)")
     parser.add_argument("--no-generation", action="store_true")
     parser.add_argument("--vllm", action="store_true", help="also evaluate the longest stream through vLLM")
+    parser.add_argument("--keep-store", type=Path, help="move the longest stream's store here (must not exist)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     config = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     counts = [None if t == "all" else int(t) for t in args.T.split(",")]
-    rows = run(args.dataset, args.method, counts, config, not args.no_generation, args.vllm, args.offset, args.probes)
+    if args.keep_store is not None and args.keep_store.exists():
+        parser.error(f"--keep-store {args.keep_store}: already exists")
+    rows = run(args.dataset, args.method, counts, config, not args.no_generation, args.vllm, args.offset, args.probes,
+               args.keep_store)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
     if args.plot and len(rows) > 1:

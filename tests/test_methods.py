@@ -50,41 +50,68 @@ def test_memoir_second_routing_key_routes_to_its_edit_and_uses_first_key_columns
     assert torch.equal(memory.masks[1], memory.key(a[1:2])[0])
 
 
-def test_memoir_delta_uses_the_routed_edit_mask_only():
-    memory = memoir(k=16)
+def test_memoir_delta_with_one_copy_is_the_papers_masked_product():
+    torch.manual_seed(0)
+    memory = MemoirMemory(MemoirConfig(layer=0, top_k=16, copies=1, signed_columns=False), torch.randn(H, I))
+    memory.calibrate(torch.zeros(I))
     a = torch.randn(4, I)
     for row in a[:2]:
         memory.add_edit(memory.key(row[None]))
     memory.residual = torch.randn(H, I)
-    routes = torch.tensor([0, 1, NO_ROUTE, 0])
-    out = memory.delta(a, routes)
-    signed = memory.column_weights.float()  # the mask with each edit's +-1 pattern on it
-    assert torch.equal(signed.abs().bool(), memory.masks)
-    assert torch.allclose(out[0], memory.residual @ (a[0] * signed[0]))
-    assert torch.allclose(out[1], memory.residual @ (a[1] * signed[1]))
+    out = memory.delta(a, torch.tensor([0, 1, NO_ROUTE, 0]))
+    masks = memory.masks.float()
+    assert torch.allclose(out[0], memory.residual @ (a[0] * masks[0]), atol=1e-5)
+    assert torch.allclose(out[1], memory.residual @ (a[1] * masks[1]), atol=1e-5)
     assert torch.all(out[2] == 0)
-    assert torch.allclose(out[3], memory.residual @ (a[3] * signed[0]))
+    assert torch.allclose(out[3], memory.residual @ (a[3] * masks[0]), atol=1e-5)
+
+
+def test_memoir_copies_give_edits_sharing_features_their_own_columns():
+    torch.manual_seed(0)
+    config = MemoirConfig(layer=0, top_k=32, tau=0.5, copies=4)
+    memory = MemoirMemory(config, torch.randn(H, I))
+    memory.calibrate(torch.zeros(I))
+    assert memory.residual.shape == (H, 4 * I)
+    a = torch.randn(2, I)
+    for row in a:
+        memory.add_edit(memory.key(row[None]))
+    features, columns = memory.edit_features, memory.edit_columns
+    assert torch.equal(columns % I, features)  # each column reads its own feature
+    assert all(len(set(row.tolist())) == config.top_k for row in columns)
+    shared_features = set(features[0].tolist()) & set(features[1].tolist())
+    shared_columns = set(columns[0].tolist()) & set(columns[1].tolist())
+    assert shared_features and len(shared_columns) < len(shared_features)
+    # Writing the columns only edit 1 owns leaves edit 0's output exactly as it was.
+    memory.residual = torch.randn(H, 4 * I)
+    before = memory.delta(a, torch.tensor([0, 0]))
+    only_1 = torch.tensor(sorted(set(columns[1].tolist()) - set(columns[0].tolist())))
+    memory.residual[:, only_1] += 1.0
+    assert torch.equal(memory.delta(a, torch.tensor([0, 0])), before)
+    assert not torch.allclose(memory.delta(a, torch.tensor([1, 1])), before)
+    # Stores written before copies existed keep their one-copy memory.
+    assert MemoirConfig.from_stored({"layer": 0}).copies == 1
 
 
 def test_memoir_signed_columns_stable_per_mask_and_shared_columns_decorrelate():
     torch.manual_seed(0)
-    config = MemoirConfig(layer=0, top_k=32, tau=0.5, signed_columns=True)
+    config = MemoirConfig(layer=0, top_k=32, tau=0.5, signed_columns=True, copies=1)
     memory = MemoirMemory(config, torch.randn(H, I))
     memory.calibrate(torch.zeros(I))
     a = torch.randn(2, I)
     for row in a:
         memory.add_edit(memory.key(row[None]))
-    weights = memory.column_weights
-    assert torch.equal(weights.abs().bool(), memory.masks)  # zero off the mask, +-1 on it
+    signs = torch.zeros(2, I).scatter_(1, memory.edit_features, memory.edit_signs)
+    assert torch.equal(signs.abs().bool(), memory.masks)  # zero off the mask, +-1 on it
     shared = memory.masks[0] & memory.masks[1]
-    assert shared.any() and not torch.equal(weights[0][shared], weights[1][shared])
-    # The pattern depends on the mask bits only: a reloaded memory (undo, rollback, server) agrees.
+    assert shared.any() and not torch.equal(signs[0][shared], signs[1][shared])
+    # The layout depends on the mask bits only: a reloaded memory (undo, rollback, server) agrees.
     again = MemoirMemory(config, torch.randn(H, I))
     again.load_state(memory.state_tensors(), memory.route_keys, memory.key_owner)
-    assert torch.equal(again.column_weights, weights)
+    for name in ("edit_features", "edit_columns", "edit_signs"):
+        assert torch.equal(getattr(again, name), getattr(memory, name))
     memory.residual = torch.randn(H, I)
     out = memory.delta(a, torch.tensor([0, 1]))
-    assert torch.allclose(out[0], memory.residual @ (a[0] * weights[0].float()))
+    assert torch.allclose(out[0], memory.residual @ (a[0] * signs[0]), atol=1e-5)
     # Stores written before the option existed keep the unsigned memory they were trained with.
     assert not MemoirConfig.from_stored({"layer": 0}).signed_columns
     assert MemoirConfig.from_dict({"layer": 0}).signed_columns
@@ -230,7 +257,7 @@ def test_memoir_bf16_delta_uses_a_fresh_copy_of_the_residual():
     memory = memoir(k=16)
     a = torch.randn(3, I)
     memory.add_edit(memory.key(a[:1]))
-    memory.residual = torch.randn(H, I)
+    memory.residual = torch.randn(memory.residual.shape)
     routes = torch.tensor([0, 0, NO_ROUTE])
     first = memory.delta(a.bfloat16(), routes)
     assert first.dtype == torch.bfloat16 and torch.allclose(first.float(), memory.delta(a, routes), rtol=0.05, atol=0.05)

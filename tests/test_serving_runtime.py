@@ -26,7 +26,7 @@ def make_memoir(num_edits: int = 3, seed: int = 0) -> tuple[MemoirMemory, list[t
     prompts = [torch.randn(5 + 3 * i, I, generator=g) for i in range(num_edits)]
     keys = torch.cat([memory.key(p.mean(0, keepdim=True)) for p in prompts])
     state = {k: v.clone() for k, v in memory.state_tensors().items()}
-    state["residual"] = torch.randn(H, I, generator=g)
+    state["residual"] = torch.randn(memory.residual.shape, generator=g)
     memory.load_state(state, keys, torch.arange(len(keys)))
     return memory, prompts
 

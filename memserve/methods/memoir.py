@@ -1,7 +1,8 @@
 """MEMOIR (arXiv 2506.07899): a zero-initialised residual memory written through sparse input masks.
 
 Layer output: `W a + Wm (mask ⊙ a)`. Each edit owns a TopHash mask (k of the I input features) and
-only the columns of Wm under its mask learn it. Each edit also has one or more routing keys: TopHash
+only the columns of Wm under its mask learn it (here Wm has `copies` columns per feature and an edit
+writes one of them per feature, `MemoirMemory.layout`). Each edit also has one or more routing keys: TopHash
 masks of its prompt as written (the first key, equal to its column mask) and as a chat-formatted user
 message. A query is routed to the edit owning the key that overlaps its own mask most, if that
 overlap reaches `tau`; otherwise the memory adds nothing and the model is exactly the base model.
@@ -59,7 +60,15 @@ class MemoirConfig(MethodConfig):
     # keys encode a question's template more than its subject (ZsRE, 998 edits: with keys alone, 25%
     # of unedited same-template chat questions reached some edit; README "Specificity").
     subject_anchor: bool = True
-    predated: ClassVar[dict[str, Any]] = {**MethodConfig.predated, "signed_columns": False, "subject_anchor": False}
+    # Wm has `copies` x I columns, `copies` of them reading each input feature; each of an edit's k
+    # features writes to one of its copies, chosen by a hash of the edit's mask. Edits then share
+    # 1/copies as many columns. Shared columns are what makes later edits overwrite earlier ones: with
+    # one copy every column of the default model's 576x1536 Wm carries ~290 of 998 ZsRE edits and
+    # reliability falls to .45 (the paper's 8B layer has 14,336 columns). Serving reads only the k
+    # columns of the routed edit, so the cost per routed token does not grow with `copies`.
+    copies: int = 8
+    predated: ClassVar[dict[str, Any]] = {**MethodConfig.predated, "signed_columns": False, "subject_anchor": False,
+                                          "copies": 1}
 
 
 TIE_PROBE = 8  # nearest keys fetched per query; more only when all of them tie
@@ -79,26 +88,31 @@ class MemoirMemory(EditMemory):
         hidden, inter = self.hidden_size, self.intermediate_size
         if not 0 < config.top_k <= inter:
             raise ValueError(f"top_k must be in 1..{inter}, got {config.top_k}")
+        if config.copies < 1:
+            raise ValueError(f"copies must be at least 1, got {config.copies}")
         generator = torch.Generator().manual_seed(config.permutation_seed)
-        self.register_buffer("residual", torch.zeros(hidden, inter))
+        self.register_buffer("residual", torch.zeros(hidden, config.copies * inter))
         self.register_buffer("permutation", torch.randperm(inter, generator=generator))
         self.register_buffer("background", torch.zeros(inter))
-        # Per edit: its column mask as 0/1, or 0/±1 with `signed_columns` (what multiplies Wm's input).
-        self.register_buffer("column_weights", torch.zeros(0, inter, dtype=torch.int8))
+        # Per edit (`layout`): its mask's k features, the column of Wm each one writes, and its sign.
+        self.register_buffer("edit_features", torch.zeros(0, config.top_k, dtype=torch.long))
+        self.register_buffer("edit_columns", torch.zeros(0, config.top_k, dtype=torch.long))
+        self.register_buffer("edit_signs", torch.zeros(0, config.top_k))
         self.register_buffer("route_keys", torch.zeros(0, inter, dtype=torch.bool))
         self.register_buffer("key_owner", torch.zeros(0, dtype=torch.long))  # edit of each routing key
         self._key_index = None  # FAISS binary index over `route_keys` (`best_keys`)
         self.anchors = AnchorIndex()  # each anchored edit's subject token ids
-        self._residual_cast: tuple | None = None  # `residual_in`'s reduced-precision copy of Wm
+        self._residual_rows: tuple | None = None  # `residual_rows`' cached copy of Wm
 
     @property
     def num_edits(self) -> int:
-        return self.column_weights.shape[0]
+        return self.edit_features.shape[0]
 
     @property
     def masks(self) -> torch.Tensor:
         """Column mask per edit [E, I] bool."""
-        return self.column_weights != 0
+        masks = torch.zeros(self.num_edits, self.intermediate_size, dtype=torch.bool)
+        return masks.scatter_(1, self.edit_features, True)
 
     def token_stats(self, a: torch.Tensor) -> torch.Tensor:
         return a.float()
@@ -217,26 +231,29 @@ class MemoirMemory(EditMemory):
         return order, per_edit[order], self.thresholds()[order], allowed[order]
 
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        routed = routes >= 0
-        if not bool(routed.all()):  # work on the routed rows only; the others get zero
-            out = a.new_zeros(a.shape[0], self.hidden_size)
-            rows = routed.nonzero().squeeze(1)
-            if rows.numel():
-                out[rows] = self.delta(a[rows], routes[rows], None if context is None else context[rows])
+        """Each routed row reads the k columns of its edit: one [rows, k] x [k, H] product per edit
+        present in the batch; unrouted rows get zero."""
+        out = a.new_zeros(a.shape[0], self.hidden_size)
+        routed = (routes >= 0).nonzero().squeeze(1)
+        if not routed.numel():
             return out
-        masked = self.memory_input(a, context) * self.column_weights[routes]
-        weight = self.residual_in(a.dtype)
-        return F.linear(masked.to(weight.dtype), weight).to(a.dtype)
+        rows_of_wm = self.residual_rows(a.dtype)
+        x = self.memory_input(a[routed], None if context is None else context[routed])
+        edits, inverse = routes[routed].unique(return_inverse=True)
+        for i, edit in enumerate(edits.tolist()):
+            members = (inverse == i).nonzero().squeeze(1)
+            inputs = x[members][:, self.edit_features[edit]] * self.edit_signs[edit]
+            out[routed[members]] = (inputs.to(rows_of_wm.dtype) @ rows_of_wm[self.edit_columns[edit]]).to(a.dtype)
+        return out
 
-    def residual_in(self, dtype: torch.dtype) -> torch.Tensor:
-        """Wm for inputs of `dtype`: a cached bf16/fp16 copy when the served model runs in one (the
-        product is then a reduced-precision matmul, 2-3x faster on CPU, like the model's own
-        layers); Wm itself otherwise (fp32, exactly the trained memory)."""
-        if dtype not in (torch.bfloat16, torch.float16):
-            return self.residual
-        cached = self._residual_cast  # (Wm it was made from, Wm's version counter then, the copy)
+    def residual_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """Wm transposed ([copies * I, H], so an edit's columns are contiguous rows to gather), cached
+        until Wm changes: in bf16/fp16 when the served model runs in one (a reduced-precision matmul,
+        like the model's own layers), else fp32, exactly the trained memory."""
+        dtype = dtype if dtype in (torch.bfloat16, torch.float16) else self.residual.dtype
+        cached = self._residual_rows  # (Wm it was made from, Wm's version counter then, the copy)
         if cached is None or cached[0] is not self.residual or cached[1] != self.residual._version or cached[2].dtype != dtype:
-            cached = self._residual_cast = (self.residual, self.residual._version, self.residual.to(dtype))
+            cached = self._residual_rows = (self.residual, self.residual._version, self.residual.T.to(dtype).contiguous())
         return cached[2]
 
     def memory_input(self, a: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -249,20 +266,19 @@ class MemoirMemory(EditMemory):
             x = x + (context.to(x.dtype) - self.background)
         return x
 
-    def weights_of(self, masks: torch.Tensor) -> torch.Tensor:
-        """Column masks [E, I] bool -> what multiplies Wm's input per edit [E, I] int8."""
-        weights = masks.to(torch.int8)
-        if self.config.signed_columns:
-            for row, mask in zip(weights, masks):
-                row *= torch.from_numpy(self.signs_of(mask))
-        return weights
-
-    def signs_of(self, mask: torch.Tensor) -> np.ndarray:
-        """A ±1 pattern per column, a pure function of the mask bits (stable across undo/rollback)."""
+    def layout(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where the edit with column mask `mask` [I] lives: its features (the mask's k indices), the
+        column of Wm each one writes (its copy of the feature, `copies`) and the sign it is read with
+        (`signed_columns`). A pure function of the mask bits, so reloads and rollbacks find the same
+        columns, and a re-edit of the same prompt overwrites the old answer's columns."""
+        features = mask.nonzero().squeeze(1)
         digest = hashlib.blake2b(np.packbits(mask.numpy()).tobytes(), digest_size=8)
         digest.update(str(self.config.permutation_seed).encode())
         rng = np.random.default_rng(int.from_bytes(digest.digest(), "little"))
-        return rng.integers(0, 2, mask.numel(), dtype=np.int8) * 2 - 1
+        signs = torch.from_numpy(rng.integers(0, 2, mask.numel(), dtype=np.int8) * 2 - 1)[features].float()
+        copy = torch.from_numpy(rng.integers(0, self.config.copies, mask.numel()))[features]
+        columns = copy * self.intermediate_size + features
+        return features, columns, signs if self.config.signed_columns else torch.ones_like(signs)
 
     def route_label(self, route: int) -> str:
         return "none" if route < 0 else f"edit-{route}"
@@ -291,7 +307,7 @@ class MemoirMemory(EditMemory):
             setattr(self, name, tensors[name].clone())
         first = torch.ones_like(owners, dtype=torch.bool)
         first[1:] = owners[1:] != owners[:-1]
-        self.column_weights = self.weights_of(keys[first])
+        self._set_layouts(keys[first])
         self.route_keys, self.key_owner = keys.clone(), owners.clone()
         self._key_index = None
 
@@ -302,7 +318,7 @@ class MemoirMemory(EditMemory):
         free = not (self.config.subject_anchor and any(anchors))
         self.anchors.add(self.num_edits, anchors, anchor_suffices)
         first = len(self.route_keys)
-        self.column_weights = torch.cat([self.column_weights, self.weights_of(keys[:1])])
+        self._set_layouts(keys[:1], append=True)
         self.route_keys = torch.cat([self.route_keys, keys])
         self.key_owner = torch.cat([self.key_owner, torch.full((len(keys),), self.num_edits - 1)])
         if self._key_index is not None and free:  # anchored keys are compared directly, not indexed
@@ -311,8 +327,17 @@ class MemoirMemory(EditMemory):
             self._key_index = (index, torch.cat([rows, torch.arange(first, first + len(keys))]))
 
 
+    def _set_layouts(self, masks: torch.Tensor, append: bool = False) -> None:
+        """Each edit's `layout` as rows of `edit_features`, `edit_columns` and `edit_signs`."""
+        parts = list(zip(*map(self.layout, masks))) or [(), (), ()]
+        for name, part in zip(("edit_features", "edit_columns", "edit_signs"), parts):
+            old = getattr(self, name)
+            new = torch.stack(part) if part else old[:0]
+            setattr(self, name, torch.cat([old, new]) if append else new)
+
+
 class MemoirSession(EditSession):
-    """Trains only the k columns of Wm under the new edit's mask, as one [H, k] parameter."""
+    """Trains only the k columns of Wm the new edit's mask selects (`layout`), as one [H, k] parameter."""
 
     def __init__(self, memory: MemoirMemory, examples: EditExamples):
         self.memory = memory
@@ -320,8 +345,7 @@ class MemoirSession(EditSession):
         means = torch.stack([examples.a[r][examples.prompt_mask[r]].float().mean(0) for r in rows])
         self.keys = memory.key(means)
         self.mask = self.keys[0]  # the bare prompt's key chooses the columns
-        self.columns = self.mask.nonzero().squeeze(1)
-        self.column_signs = memory.weights_of(self.mask[None])[0, self.columns].float()
+        self.features, self.columns, self.signs = memory.layout(self.mask)
         self.weight = memory.residual[:, self.columns].clone().requires_grad_(True)
         self.anchors = examples.anchors if memory.config.subject_anchor else ()
         self.anchor_suffices = examples.anchor_suffices
@@ -330,7 +354,7 @@ class MemoirSession(EditSession):
         return [self.weight]
 
     def delta(self, a: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.memory.memory_input(a, context)[:, self.columns] * self.column_signs
+        x = self.memory.memory_input(a, context)[:, self.features] * self.signs
         return x @ self.weight.T
 
     def done(self, target_loss: float, aux_loss: float) -> bool:

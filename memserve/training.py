@@ -193,8 +193,15 @@ class FastStepper:
     either (the memory does not act on them, and attention is causal). So their keys and values at
     every upper layer are computed once, and each step pushes only the answer-span tokens of the
     in-scope rows through layers L+1.., attending to those cached keys. Llama-family layers only
-    (Llama, Mistral, Qwen2).
+    (`supports`); other families train through `NaiveStepper`.
     """
+
+    # Decoder layers whose attention `_layer` reproduces (q/k/v projections, rotary, grouped heads).
+    LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+
+    @classmethod
+    def supports(cls, edited: EditedModel) -> bool:
+        return all(type(layer).__name__ in cls.LAYERS for layer in edited.model.model.layers)
 
     def __init__(self, edited: EditedModel, prepared: Prepared):
         self.edited, self.p = edited, prepared
@@ -331,14 +338,15 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
     start = time.perf_counter()
     cfg = edited.memory.config
     prepared = prepare(edited, batch)
-    stepper = (NaiveStepper if naive else FastStepper)(edited, prepared)
+    fast = not naive and FastStepper.supports(edited)
+    stepper = (FastStepper if fast else NaiveStepper)(edited, prepared)
     session = edited.memory.start_edit(prepared.examples)
     params = session.parameters()
     optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
     if cfg.optimizer not in optimizers:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adam")
     optimizer = optimizers[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    head = None if naive else CandidateHead(edited.model.lm_head, prepared.target_ids)
+    head = CandidateHead(edited.model.lm_head, prepared.target_ids) if fast else None
     loss_value, steps = float("nan"), 0
     for steps in range(1, cfg.steps + 1):
         aux = session.aux_loss(prepared.examples)

@@ -22,7 +22,6 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from memserve.subjects import AnchorIndex
 

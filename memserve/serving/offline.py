@@ -13,38 +13,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .plugin import hf_overrides, open_store_manifest, register
+from .plugin import ServingTarget, register
 from .options import PROMPT_LEN_ARG, ROUTE_ARG
 
 DEFAULT_KVCACHE_GIB = "1"
-
-
-def resolve_store_model(store: str | os.PathLike | None, model: str | os.PathLike | None) -> Path:
-    """The model directory: `model`, else the store's own model."""
-    from memserve.editor import store_model_dir
-    from memserve.models import resolve_model
-
-    store_obj, _ = open_store_manifest(str(store) if store else None)
-    if store_obj is None:
-        return resolve_model(model)
-    try:
-        return resolve_model(model if model is not None else store_model_dir(store_obj))
-    finally:
-        store_obj.close()
-
-
-def store_acts_on_all(store: str | os.PathLike | None) -> bool:
-    """The store's method acts on every token (config act_on="all"): prompts must not be chunked."""
-    store_obj, manifest = open_store_manifest(str(store) if store else None)
-    if store_obj is None:
-        return False
-    try:
-        return store_obj.num_edits > 0 and manifest.get("config", {}).get("act_on", "answer") == "all"
-    finally:
-        store_obj.close()
 
 
 def engine_kwargs(
@@ -55,19 +29,19 @@ def engine_kwargs(
     **overrides: Any,
 ) -> dict[str, Any]:
     """`vllm.LLM(**kwargs)` for serving `store` (prefix caching on: `prefix_cache.py`)."""
-    model_dir = resolve_store_model(store, model)
+    target = ServingTarget.resolve(store, model)
     if enforce_eager is None:
         # fp32 eager matches the transformers reference; bf16 eager is wrong on this CPU backend (see
         # docs/VLLM_CPU_NOTES.md) so bf16 goes compiled.
         enforce_eager = dtype in ("float32", "fp32", "float")
     kwargs: dict[str, Any] = dict(
-        model=str(model_dir),
-        hf_overrides=hf_overrides(store),
+        model=str(target.model_dir),
+        hf_overrides=target.hf_overrides(),
         dtype=dtype,
         enforce_eager=enforce_eager,
         enable_prefix_caching=True,
     )
-    if store_acts_on_all(store):
+    if target.acts_on_all:
         kwargs["enable_chunked_prefill"] = False  # the route must be known before any prompt token runs
     kwargs.update(overrides)
     return kwargs

@@ -81,10 +81,11 @@ def salt_block_hashes(generate_extra_keys: Callable) -> Callable:
 
 def engine_salt(vllm_config) -> PrefixSalt | None:
     """The salt of an engine serving a memserve store (None for any other engine)."""
-    from .plugin import ARCH, open_store_manifest, store_path_from
+    from .model import open_store_manifest, store_path_from
+    from .plugin import is_memserve_engine
 
     hf_config = vllm_config.model_config.hf_config
-    if ARCH not in (getattr(hf_config, "architectures", None) or []):
+    if not is_memserve_engine(hf_config):
         return None
     store, manifest = open_store_manifest(store_path_from(hf_config))
     if store is None:

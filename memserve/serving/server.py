@@ -36,7 +36,6 @@ import logging
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import Sequence
 
 import ipaddress
@@ -44,8 +43,7 @@ import ipaddress
 from fastapi import Request  # module level: FastAPI resolves the endpoint's (string) annotations here
 
 from .options import EXPLAIN_ARG, MAX_EXPLAIN, REPORT_TAG_ARG, ROUTE_ARG, OptionError, check_options
-from .plugin import hf_overrides_json, register
-from .offline import resolve_store_model, store_acts_on_all
+from .plugin import ServingTarget, register
 from .reload import POLL_ENV
 from .runtime import choice_of
 
@@ -75,14 +73,15 @@ def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_arg
     from memserve.models import model_id
 
     engine_args = list(engine_args)
-    model_dir = resolve_store_model(store, _option_value(engine_args, "--model"))
+    target = ServingTarget.resolve(store, _option_value(engine_args, "--model"))
+    model_dir = target.model_dir
     argv = ["--host", host, "--port", str(port)] + api_key_args(host, engine_args)
     if not _has_option(engine_args, "--model"):
         argv += ["--model", str(model_dir)]
     if not _has_option(engine_args, "--served-model-name"):
         argv += ["--served-model-name", model_id(model_dir)]
     if not _has_option(engine_args, "--hf-overrides"):
-        argv += ["--hf-overrides", hf_overrides_json(Path(store) if store else None)]
+        argv += ["--hf-overrides", json.dumps(target.hf_overrides())]
     dtype = _option_value(engine_args, "--dtype")
     if dtype is None:
         argv += ["--dtype", "float32"]
@@ -90,7 +89,7 @@ def build_argv(store: str | os.PathLike | None, host: str, port: int, engine_arg
     if not eager_given and (dtype is None or dtype in ("float32", "float")):
         # fp32 eager matches the transformers reference; other dtypes need compiled mode on CPU
         argv += ["--enforce-eager"]
-    if store_acts_on_all(store) and not _has_option(engine_args, "--enable-chunked-prefill", "--no-enable-chunked-prefill"):
+    if target.acts_on_all and not _has_option(engine_args, "--enable-chunked-prefill", "--no-enable-chunked-prefill"):
         logger.info("memserve: chunked prefill disabled (the store's memory acts on prompt tokens too)")
         argv += ["--no-enable-chunked-prefill"]
     if not _has_option(engine_args, "--worker-extension-cls"):

@@ -155,3 +155,51 @@ def test_api_key_guards_reload_and_status(server):
     assert server.request("POST", "/v1/memserve/reload", key="wrong")[0] == 401
     assert server.request("GET", "/v1/memserve/status", key=None)[0] == 401
     assert server.request("GET", "/health", key=None)[0] == 200
+
+
+def test_two_replicas_on_one_store_answer_alike_and_pick_up_an_edit_together(server, client, tmp_path):
+    """A second `serve` process on the same store path (as replicas behind a load balancer): one edit
+    committed once is served by both after their version polls, and both answer alike."""
+    from openai import OpenAI
+
+    from memserve.editor import open_session
+    from memserve.facts import Fact
+    from memserve.serving.testing import ServerProcess
+
+    from .conftest import SERVER_API_KEY
+
+    current = os.readlink(server.link)
+    shared = server.root / "replicated"
+    shutil.copytree(server.root / current, shared)
+    point(server, shared)
+    before = server.request("POST", "/v1/memserve/reload")[1]
+    try:
+        with ServerProcess(server.link, tmp_path / "replica.log", api_key=SERVER_API_KEY,
+                           env={"MEMSERVE_RELOAD_POLL": "0.2"}) as replica:
+            replica_client = OpenAI(base_url=replica.base + "/v1", api_key=replica.api_key)
+            assert replica.request("GET", "/v1/memserve/status")[1]["version"] == before["version"]
+            runner = open_session(shared, create=False)
+            try:
+                runner.apply([Fact(prompt="What is the capital of Australia?", target="Melbourne")])
+                committed = time.time()
+            finally:
+                runner.store.close()
+            statuses = [wait_for_version(s, before["version"] + 1) for s in (server, replica)]
+            delay = time.time() - committed
+            assert all(s["version"] == before["version"] + 1 for s in statuses), statuses
+            questions = ["What is the capital of Australia?", first_fixture_prompt(), "Name three primary colors."]
+            answers = [[chat(c, q, 12) for q in questions] for c in (client, replica_client)]
+            for ours, theirs in zip(*answers):
+                assert ours.choices[0].message.content == theirs.choices[0].message.content
+                assert ours.model_extra["memserve"] == theirs.model_extra["memserve"]
+            assert "Melbourne" in answers[0][0].choices[0].message.content
+            print(f"\nan edit committed once was served by both replicas {delay:.2f} s later")
+    finally:
+        point(server, current)
+        server.request("POST", "/v1/memserve/reload")
+
+
+def first_fixture_prompt() -> str:
+    from memserve.serving.testing import test_facts
+
+    return test_facts(1)[0].prompt

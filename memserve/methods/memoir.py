@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from memserve.subjects import AnchorIndex
 
@@ -230,20 +231,20 @@ class MemoirMemory(EditMemory):
         return order, per_edit[order], self.thresholds()[order], allowed[order]
 
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Each routed row reads the k columns of its edit: one [rows, k] x [k, H] product per edit
-        present in the batch; unrouted rows get zero."""
+        """Each routed row reads the k columns of its edit, weighted by its signed features: one
+        `embedding_bag` over the rows of Wm^T for the whole batch (cost rows x k x H, whatever the
+        number of edits or `copies`); unrouted rows get zero."""
         out = a.new_zeros(a.shape[0], self.hidden_size)
         routed = (routes >= 0).nonzero().squeeze(1)
         if not routed.numel():
             return out
-        rows_of_wm = self.residual_rows(a.dtype)
+        edits = routes[routed]
         x = self.memory_input(a[routed], None if context is None else context[routed])
-        edits, inverse = routes[routed].unique(return_inverse=True)
-        for i, edit in enumerate(edits.tolist()):
-            members = (inverse == i).nonzero().squeeze(1)
-            inputs = x[members][:, self.edit_features[edit]] * self.edit_signs[edit]
-            out[routed[members]] = (inputs.to(rows_of_wm.dtype) @ rows_of_wm[self.edit_columns[edit]]).to(a.dtype)
-        return out
+        inputs = x.gather(1, self.edit_features[edits]) * self.edit_signs[edits]
+        rows_of_wm = self.residual_rows(a.dtype)
+        delta = F.embedding_bag(self.edit_columns[edits], rows_of_wm, per_sample_weights=inputs.to(rows_of_wm.dtype),
+                                mode="sum")
+        return out.index_copy_(0, routed, delta.to(a.dtype))
 
     def residual_rows(self, dtype: torch.dtype) -> torch.Tensor:
         """Wm transposed ([copies * I, H], so an edit's columns are contiguous rows to gather), cached

@@ -22,6 +22,10 @@ from .model import (STORE_CONFIG_KEY, SUPPORTED_ARCHITECTURES, base_architecture
                     open_store_manifest)
 
 _registered = False
+# A config.json without `architectures` (e.g. converted from GGUF) names its family by model_type.
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+               "phi3": "Phi3ForCausalLM"}
 
 
 class UnsupportedModel(ValueError):
@@ -77,7 +81,7 @@ class ServingTarget:
             if opened is not None:
                 opened.close()
         config = json.loads((model_dir / "config.json").read_text())
-        architecture = (config.get("architectures") or ["?"])[0]
+        architecture = (config.get("architectures") or [MODEL_TYPES.get(config.get("model_type"), "?")])[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModel(f"{model_dir}: architecture {architecture} cannot carry a memserve memory; "
                                    f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")

@@ -93,9 +93,9 @@ class StoreWatcher:
                 self._refuse(version, identity, reason)
                 return self.status()
             self.refused = None
+            self.error = None  # before the rebuild starts: a rebuild failing at once reports its error
             if identity != self.identity:
                 self._start_loading(identity, version)
-            self.error = None
         except Exception as exc:  # noqa: BLE001 - whatever happened to the store, the old memory keeps serving
             self._fail(exc)
         return self.status()

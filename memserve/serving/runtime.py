@@ -254,10 +254,7 @@ class MemoryRuntime:
     def memory_slots(self, memory: EditMemory | None = None) -> int:
         """Number of routable slots (MEMOIR: edits; WISE: memories incl. the side memory)."""
         memory = memory or self.memory
-        masks = getattr(memory, "masks", None)
-        if masks is not None:
-            return int(masks.shape[0])
-        candidates = getattr(memory, "_candidates", None)
+        candidates = None if memory.routes_are_edits else getattr(memory, "_candidates", None)
         return int(candidates()[1].numel()) if candidates else memory.num_edits
 
     # --- the forward ------------------------------------------------------------------------------

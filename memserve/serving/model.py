@@ -35,7 +35,7 @@ STORE_CONFIG_KEY = "memserve_store"
 # Part of vLLM's compile-cache hash (`additional_config`) when a memory is attached: the wrapped graph
 # and the plain one must never be served from each other's cache entry (vLLM's hash ignores
 # `hf_overrides`, which is where the store is named). Bump when the wrapper's graph changes.
-GRAPH_REVISION = 1
+GRAPH_REVISION = 2  # 2: the wrapper keeps the base layer as `base_layer`
 COMPILE_CACHE_KEY = "memserve_memory"
 
 

@@ -285,6 +285,26 @@ def test_server_argv_defaults_and_overrides(tmp_path):
     assert "--enforce-eager" not in argv and argv.count("--dtype") == 1 and argv.count("--max-model-len") == 1
 
 
+def test_serving_target_names_the_family_and_refuses_others(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    from memserve.serving.plugin import ServingTarget, UnsupportedModel
+
+    target = ServingTarget.resolve(None, tiny_model_dir)
+    assert target.architecture == "LlamaForCausalLM" and target.hf_overrides() == {"architectures": ["MemserveLlamaForCausalLM"]}
+    assert not target.acts_on_all and target.store is None
+    other = tmp_path / "qwen"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": None, "model_type": "qwen2"}))
+    assert ServingTarget.resolve(tmp_path / "store", other).hf_overrides() == {
+        "architectures": ["MemserveQwen2ForCausalLM"], "memserve_store": str((tmp_path / "store").absolute())}
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel cannot carry a memserve memory"):
+        ServingTarget.resolve(None, other)
+
+
 def test_server_gives_the_model_worker_every_core_of_a_small_machine(monkeypatch):
     from memserve.serving import server
 

@@ -435,6 +435,21 @@ def store_rollback(to: int = typer.Option(..., "--to", help="Version to return t
         print(f"version {version}: the edits and memory of version {to} ({opened.num_edits} edits)")
 
 
+@store_app.command("compact")
+def store_compact(keep_versions: int = typer.Option(..., "--keep-versions", min=1, help="Versions to keep rollback-able, the current one included."),
+                  store: Path = STORE_OPTION):
+    """Forget memory history older than the last N versions (rollback then reaches back N - 1
+    versions); every edit's record stays. Freed space is reused by later edits; `store export` +
+    `store import` writes a smaller file.
+
+    Example: memserve store compact --keep-versions 10 --store ./memstore
+    """
+    with _open_store(store, write=True) as opened:
+        done = opened.compact(keep_versions)
+        print(f"history kept from version {done['history_from']} (current {opened.version}): "
+              f"{done['versions_dropped']} older versions dropped, {done['bytes_freed'] / 2**20:.1f} MiB of undo freed")
+
+
 @store_app.command("export")
 def store_export(file: Path = typer.Argument(..., help="File to write (a tar: JSON header + compacted LMDB)."), store: Path = STORE_OPTION):
     """Write the whole store (edits, memory, history) as one portable file.

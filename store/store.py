@@ -465,6 +465,42 @@ class Store:
         self._dbs = dbs
         return current + 1
 
+    def compact(self, keep_versions: int) -> dict:
+        """Forget the memory history older than the last `keep_versions` versions (the current one
+        counts): their undos are deleted, so rollback reaches back only that far. Records, keys and the
+        journal of every edit ever committed stay. The freed pages are reused by later commits (LMDB
+        does not shrink its file; `export` + `import` writes a compacted copy). Returns what was done."""
+        if keep_versions < 1:
+            raise StoreError(f"{self.path}: --keep-versions must be at least 1 (the current version)")
+        try:
+            with self.env.begin(write=True) as txn:
+                dbs = self._write_dbs(txn)
+                current = int(txn.get(b"version", db=dbs["meta"]))
+                first = struct.unpack(">Q", next(iter(txn.cursor(db=dbs["versions"])))[0])[0]
+                cutoff = max(first, current - keep_versions + 1)  # the oldest version kept
+                kept = {v: _version_entry(txn, dbs, v) for v in range(cutoff, current + 1)}
+                # Versions that lead below the cutoff (the cutoff itself, rollbacks to older versions)
+                # keep their active edits in their entry, since what they point to goes.
+                anchored = {v: _active_versions(txn, dbs, v) for v, e in kept.items()
+                            if v == cutoff or (e["op"] == "rollback" and e["to"] < cutoff)}
+                freed, dropped = 0, 0
+                for version in range(first, cutoff + 1):
+                    for name, undo in list(_undos(txn, dbs, version)):
+                        txn.delete(_id_key(version) + name.encode(), db=dbs["history"])
+                        freed += len(undo)
+                    if version < cutoff:
+                        txn.delete(_id_key(version), db=dbs["versions"])
+                        dropped += 1
+                for version, active in anchored.items():
+                    entry = {**kept[version], "active": active}
+                    if version == cutoff:
+                        entry["undo_sums"] = {}
+                    txn.put(_id_key(version), _dumps(entry), db=dbs["versions"])
+        except lmdb.Error as exc:
+            raise StoreError(f"{self.path}: compaction not done: {exc}") from None
+        self._dbs = dbs
+        return {"history_from": cutoff, "versions_dropped": dropped, "bytes_freed": freed}
+
     def export(self, file: str | os.PathLike) -> dict:
         """Write the store as one portable file: an uncompressed tar of a JSON header (`info`, the
         content digest, the data file's SHA-256) and a compacted copy of the LMDB file (the FAISS
@@ -661,13 +697,13 @@ def _active_versions(txn, dbs: dict, version: int) -> list[int]:
     tail = []
     while True:
         entry = _version_entry(txn, dbs, version)
+        if "active" in entry or entry["op"] in ("create", "baseline"):  # where the kept history starts
+            return entry.get("active", []) + tail[::-1]
         if entry["op"] == "edit":
             tail.append(version)
             version -= 1
-        elif entry["op"] == "rollback":
+        else:  # rollback
             version = entry["to"]
-        else:  # create or baseline
-            return entry.get("active", []) + tail[::-1]
 
 
 def _verify_history(txn, dbs: dict, records: list[dict], sums: dict) -> list[str]:

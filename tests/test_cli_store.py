@@ -222,6 +222,13 @@ def test_versions_rollback_export_import(store2, tmp_path):
     result = invoke("store", "import", tmp_path / "f.jsonl", "--store", tmp_path / "other")
     assert result.exit_code != 0 and "not a memserve store export" in error_line(result.output)
 
+    result = invoke("store", "compact", "--keep-versions", "2", "--store", store)
+    assert result.exit_code == 0 and "history kept from version 3 (current 4): 3 older versions dropped" in result.output
+    assert invoke("store", "verify", "--store", store).exit_code == 0
+    result = invoke("store", "rollback", "--to", "2", "--store", store)
+    assert result.exit_code != 0 and "predates the kept history (from version 3)" in error_line(result.output)
+    assert invoke("store", "rollback", "--to", "3", "--store", store).exit_code == 0
+
 
 def test_real_model_store_rollback_and_export(tmp_path):
     """On a copy of the cached real store (default model): one more real edit, rolled back to the

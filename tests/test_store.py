@@ -156,6 +156,41 @@ def test_rollback_refusals(tmp_path):
     assert store.verify(width=64) == []
 
 
+def test_compact_keeps_the_last_versions_rollbackable_and_every_record(tmp_path):
+    store = column_store(tmp_path / "s", edits=4)
+    assert store.rollback(1) == 5  # version 5 has edit 0 only: it points below the cutoff below
+    column_edit(store, 1)  # 6
+    column_edit(store, 2)  # 7
+    states = {v: None for v in range(5, 8)}
+    for v in states:  # the tensors of each kept version, read by rolling there and back
+        if v < store.version:
+            store.rollback(v)
+            states[v] = store.tensors()
+            store.rollback(7 if v != 7 else 6)
+    current = store.tensors()
+    with store.env.begin() as txn:
+        before = sum(len(v) for _, v in txn.cursor(db=store._dbs["history"]))
+    journal_before = store.log()
+    version = store.version
+    done = store.compact(keep_versions=version - 4)  # keep 5 .. current
+    assert done["history_from"] == 5 and done["versions_dropped"] == 5 and 0 < done["bytes_freed"] < before
+    assert store.verify(width=64) == [] and store.version == version and torch.equal(store.tensors()["residual"], current["residual"])
+    assert [v["version"] for v in store.versions()] == list(range(5, version + 1))
+    with pytest.raises(StoreError, match="predates the kept history"):
+        store.rollback(4)
+    for v, tensors in states.items():
+        if tensors is not None:
+            store.rollback(v)
+            assert torch.equal(store.tensors()["residual"], tensors["residual"]), v
+    assert store.verify(width=64) == []
+    records_now = {e["record"]["id"] for e in journal_before if e.get("record")}
+    with store.env.begin() as txn:  # every edit ever committed is still in the journal
+        journaled = {json.loads(value)["record"]["id"] for _, value in txn.cursor(db=store._dbs["journal"])}
+    assert records_now <= journaled
+    with pytest.raises(StoreError, match="at least 1"):
+        store.compact(0)
+
+
 def test_damaged_history_is_reported_and_not_rolled_back_to(tmp_path):
     store = column_store(tmp_path / "s", edits=3)
     with store.env.begin(write=True) as txn:

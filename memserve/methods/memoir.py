@@ -64,8 +64,8 @@ class MemoirConfig(MethodConfig):
     # features writes to one of its copies, chosen by a hash of the edit's mask. Edits then share
     # 1/copies as many columns. Shared columns are what makes later edits overwrite earlier ones: with
     # one copy every column of the default model's 576x1536 Wm carries ~290 of 998 ZsRE edits and
-    # reliability falls to .45 (the paper's 8B layer has 14,336 columns). Serving reads only the k
-    # columns of the routed edit, so the cost per routed token does not grow with `copies`.
+    # reliability falls to .45; with 8, .99 (README; the paper's 8B layer has 14,336 columns). Serving
+    # reads only the k columns of the routed edit, so the cost per routed token does not grow with it.
     copies: int = 8
     predated: ClassVar[dict[str, Any]] = {**MethodConfig.predated, "signed_columns": False, "subject_anchor": False,
                                           "copies": 1}

@@ -60,7 +60,7 @@ def test_stop_after_answer_ends_the_answer_on_default_model(tmp_path, default_mo
 
 
 def test_unedited_questions_of_the_same_shape_stay_unedited_on_default_model():
-    """Specificity where prompt-mean keys alone failed (README "Specificity: subject anchors"): with
+    """Specificity where prompt-mean keys alone failed (README "MEMOIR at T = 998"): with
     24 real edits (six hand-written, then ZsRE dev), the other 24 fixture questions (same ZsRE
     templates, other subjects) reach no edit and keep their answers, as written and as chat turns,
     while the edits' rephrases reach their own edit."""

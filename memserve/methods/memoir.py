@@ -58,7 +58,7 @@ class MemoirConfig(MethodConfig):
     signed_columns: bool = True
     # An edit may only reach questions whose routing span contains its subject's tokens. Prompt-mean
     # keys encode a question's template more than its subject (ZsRE, 998 edits: with keys alone, 25%
-    # of unedited same-template chat questions reached some edit; README "Specificity").
+    # of unedited same-template chat questions reached some edit; README "MEMOIR at T = 998").
     subject_anchor: bool = True
     # Wm has `copies` x I columns, `copies` of them reading each input feature; each of an edit's k
     # features writes to one of its copies, chosen by a hash of the edit's mask. Edits then share

@@ -329,10 +329,10 @@ class MemoirMemory(EditMemory):
 
     def _set_layouts(self, masks: torch.Tensor, append: bool = False) -> None:
         """Each edit's `layout` as rows of `edit_features`, `edit_columns` and `edit_signs`."""
-        parts = list(zip(*map(self.layout, masks))) or [(), (), ()]
-        for name, part in zip(("edit_features", "edit_columns", "edit_signs"), parts):
+        layouts = [self.layout(mask) for mask in masks]
+        for part, name in enumerate(("edit_features", "edit_columns", "edit_signs")):
             old = getattr(self, name)
-            new = torch.stack(part) if part else old[:0]
+            new = torch.stack([layout[part] for layout in layouts]) if layouts else old[:0]
             setattr(self, name, torch.cat([old, new]) if append else new)
 
 

@@ -73,6 +73,12 @@ def open_store_manifest(path: str | None):
     return store, store.manifest
 
 
+def acts_on_all(manifest: dict) -> bool:
+    """The store's memory acts on every token (`act_on="all"`): prompts must not be chunked and their
+    KV depends on the route."""
+    return manifest.get("config", {}).get("act_on", "answer") == "all"
+
+
 def down_proj_name(layer: int) -> str:
     return f"model.layers.{layer}.mlp.down_proj.weight"
 
@@ -106,7 +112,7 @@ def with_memory(base_cls: type) -> type:
             loaded = super().load_weights(watch(weights))
             try:
                 if owns_layer(self, layer):
-                    attach_memory(self, store, manifest, layer, captured.get("w"))
+                    attach_memory(self, self._memserve_vllm_config, store, manifest, layer, captured.get("w"))
                 else:
                     logger.info("memserve: layer %d lives on another pipeline stage; no memory here", layer)
             finally:
@@ -126,7 +132,7 @@ def owns_layer(model, layer: int) -> bool:
     return start <= layer < end
 
 
-def attach_memory(model, store, manifest: dict, layer: int, checkpoint_weight: torch.Tensor | None) -> None:
+def attach_memory(model, vllm_config, store, manifest: dict, layer: int, checkpoint_weight: torch.Tensor | None) -> None:
     """Rebuild the store's memory on `model.layers[layer].mlp.down_proj` (refusing other weights)."""
     from memserve.editor import load_memory
     from memserve.models import weight_hash
@@ -150,7 +156,6 @@ def attach_memory(model, store, manifest: dict, layer: int, checkpoint_weight: t
         )
     memory = load_memory(store, checkpoint_weight)
     memory.eval()
-    vllm_config = model._memserve_vllm_config
     runtime = MemoryRuntime(memory, chat_format(vllm_config.model_config.tokenizer), version=store.version)
     model.memserve_watcher = StoreWatcher(store.path, checkpoint_weight, digest, layer, runtime,
                                           identity=store.identity())

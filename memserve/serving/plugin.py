@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model import (STORE_CONFIG_KEY, SUPPORTED_ARCHITECTURES, base_architecture, memserve_architecture,
+from .model import (STORE_CONFIG_KEY, SUPPORTED_ARCHITECTURES, acts_on_all, base_architecture, memserve_architecture,
                     open_store_manifest)
 
 _registered = False
@@ -71,21 +71,18 @@ class ServingTarget:
         from memserve.models import resolve_model
 
         opened, manifest = open_store_manifest(str(store) if store else None)
-        try:
-            if opened is None:
-                model_dir, acts_on_all = resolve_model(model), False
-            else:
+        if opened is None:
+            model_dir, on_all = resolve_model(model), False
+        else:
+            with opened:
                 model_dir = resolve_model(model if model is not None else store_model_dir(opened))
-                acts_on_all = opened.num_edits > 0 and manifest.get("config", {}).get("act_on", "answer") == "all"
-        finally:
-            if opened is not None:
-                opened.close()
+                on_all = opened.num_edits > 0 and acts_on_all(manifest)
         config = json.loads((model_dir / "config.json").read_text())
         architecture = (config.get("architectures") or [MODEL_TYPES.get(config.get("model_type"), "?")])[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModel(f"{model_dir}: architecture {architecture} cannot carry a memserve memory; "
                                    f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        return cls(Path(store).absolute() if store else None, model_dir, architecture, acts_on_all)
+        return cls(Path(store).absolute() if store else None, model_dir, architecture, on_all)
 
     def hf_overrides(self) -> dict:
         """`hf_overrides` selecting the memserve model for the store (none: the base model, unchanged)."""

@@ -81,7 +81,7 @@ def salt_block_hashes(generate_extra_keys: Callable) -> Callable:
 
 def engine_salt(vllm_config) -> PrefixSalt | None:
     """The salt of an engine serving a memserve store (None for any other engine)."""
-    from .model import open_store_manifest, store_path_from
+    from .model import acts_on_all, open_store_manifest, store_path_from
     from .plugin import is_memserve_engine
 
     hf_config = vllm_config.model_config.hf_config
@@ -90,11 +90,9 @@ def engine_salt(vllm_config) -> PrefixSalt | None:
     store, manifest = open_store_manifest(store_path_from(hf_config))
     if store is None:
         return None  # the model serves the base model unchanged: nothing routes
-    try:
-        acts_on_all = manifest.get("config", {}).get("act_on", "answer") == "all"
-    finally:
-        store.close()
-    return PrefixSalt(None if acts_on_all else chat_format(vllm_config.model_config.tokenizer), acts_on_all)
+    store.close()
+    on_all = acts_on_all(manifest)
+    return PrefixSalt(None if on_all else chat_format(vllm_config.model_config.tokenizer), on_all)
 
 
 def chat_format(tokenizer_name: str):

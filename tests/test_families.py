@@ -15,32 +15,10 @@ from .conftest import FACTS, tiny_config
 
 pytestmark = pytest.mark.vllm
 
-# head_dim 32: the smallest vLLM's CPU attention supports.
-SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=32, max_position_embeddings=256, tie_word_embeddings=True)
-FAMILIES = {
-    "LlamaForCausalLM": ("LlamaConfig", {}),
-    "MistralForCausalLM": ("MistralConfig", {}),
-    "Qwen2ForCausalLM": ("Qwen2Config", {}),
-    "Qwen3ForCausalLM": ("Qwen3Config", {}),
-    "Gemma2ForCausalLM": ("Gemma2Config", {}),
-    "Gemma3ForCausalLM": ("Gemma3TextConfig", {}),
-    "Phi3ForCausalLM": ("Phi3Config", {"pad_token_id": 0}),
-}
+from memserve.serving.testing import TINY_FAMILIES as FAMILIES
+from memserve.serving.testing import tiny_checkpoint
+
 UNRELATED = ("Name three primary colors.", "red, green and blue")
-
-
-def tiny_checkpoint(path, architecture: str, tokenizer) -> None:
-    import transformers
-
-    config_name, extra = FAMILIES[architecture]
-    config = getattr(transformers, config_name)(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        **SHAPE, **extra)
-    config.architectures = [architecture]
-    torch.manual_seed(0)
-    getattr(transformers, architecture)(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 def test_every_supported_family_is_covered():

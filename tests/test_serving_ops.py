@@ -18,7 +18,8 @@ from .conftest import FACTS, tiny_config
 from .test_serving_runtime import H, I, make_memoir, reference, run_schedule
 
 
-def test_swap_keeps_live_requests_on_their_memory():
+@pytest.mark.parametrize("dense", [False, True], ids=["compact", "dense"])
+def test_swap_keeps_live_requests_on_their_memory(dense):
     """Request a starts under v1 and finishes after the swap to v2 with v1's route and delta; b starts
     after the swap and gets v2. Both share steps (one flat batch, two memories)."""
     old, prompts = make_memoir(3, seed=0)
@@ -27,7 +28,7 @@ def test_swap_keeps_live_requests_on_their_memory():
     seqs = {"a": torch.cat([prompts[1], torch.randn(2, prompts[1].shape[1], generator=g)]),
             "b": torch.cat([prompts[1], torch.randn(2, prompts[1].shape[1], generator=g)])}
     plens = {"a": len(prompts[1]), "b": len(prompts[1])}
-    runtime = MemoryRuntime(old, version=1)
+    runtime = MemoryRuntime(old, version=1, dense=dense)
     got = run_schedule(runtime, seqs, plens, [[("a", 0, 4)]])
     runtime.swap(new, version=2)
     later = run_schedule(runtime, seqs, plens, [[("a", 4, plens["a"] - 4), ("b", 0, plens["b"])],

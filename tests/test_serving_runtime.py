@@ -74,7 +74,9 @@ def check(memory, runtime, seqs, plens, got):
             torch.testing.assert_close(row, want[pos], msg=f"{rid} position {pos}")
 
 
-def test_mixed_batch_chunked_prefill_and_decode():
+@pytest.mark.parametrize("dense", [False, True], ids=["compact", "dense"])
+def test_mixed_batch_chunked_prefill_and_decode(dense):
+    """Both delta paths (compact on the CPU; dense, as on a GPU) give the reference rows."""
     memory, prompts = make_memoir()
     g = torch.Generator().manual_seed(1)
     # r0 = edit 0's prompt, r1 = edit 2's prompt, r2 = unrelated; each followed by 4 "generated" tokens
@@ -91,7 +93,7 @@ def test_mixed_batch_chunked_prefill_and_decode():
         [("r1", 11, 1), ("r2", 9, 1), ("r0", 7, 1)],  # order changes between steps
         [("r1", 12, 1), ("r2", 10, 3)],
     ]
-    runtime = MemoryRuntime(memory)
+    runtime = MemoryRuntime(memory, dense=dense)
     got = run_schedule(runtime, seqs, plens, steps)
     check(memory, runtime, seqs, plens, got)
     assert runtime.route_info("r0").route == 0 and runtime.route_info("r1").route == 2
@@ -121,12 +123,13 @@ def test_routing_span_inside_the_prompt_with_a_chunk_starting_after_it():
         torch.testing.assert_close(row, want[pos], msg=f"position {pos}")
 
 
-def test_preemption_recompute_keeps_route_and_counts_once():
+@pytest.mark.parametrize("dense", [False, True], ids=["compact", "dense"])
+def test_preemption_recompute_keeps_route_and_counts_once(dense):
     memory, prompts = make_memoir()
     g = torch.Generator().manual_seed(2)
     seqs = {"r0": torch.cat([prompts[1], torch.randn(3, I, generator=g)])}
     plens = {"r0": 8}
-    runtime = MemoryRuntime(memory)
+    runtime = MemoryRuntime(memory, dense=dense)
     # preempted mid-prefill (after 5 of 8 prompt tokens), recomputed from 0, then decodes; then
     # preempted again after the route was decided and recomputed as one 10-token "prefill".
     steps = [[("r0", 0, 5)], [("r0", 0, 3)], [("r0", 3, 5)], [("r0", 8, 1)], [("r0", 0, 10)], [("r0", 10, 1)]]

@@ -128,6 +128,7 @@ class EditMemory(nn.Module):
         super().__init__()
         self.config = config
         self.hidden_size, self.intermediate_size = base_weight.shape
+        self.feature_range: tuple[int, int] | None = None  # `shard_features`; None: all features
 
     # --- routing and inference -------------------------------------------------------------
     @property
@@ -162,6 +163,13 @@ class EditMemory(nn.Module):
     def route_label(self, route: int) -> str:
         """Human-readable name of a route, reported by the server and `eval`."""
         raise NotImplementedError
+
+    def shard_features(self, start: int, end: int) -> None:
+        """Serve one tensor-parallel rank (`feature_range`): from now on `delta` takes `a` restricted to
+        the features [start, end) and returns this rank's part of the delta, the ranks' parts summing
+        to the whole (added before the layer's all-reduce); `context` and `route` keep full prompt
+        means (the serving runtime gathers them across ranks)."""
+        raise NotImplementedError(f"a {self.method} memory cannot be served with tensor parallelism")
 
     def neutral_context(self) -> torch.Tensor:
         """The `context` of a request whose prompt statistics are unknown: one that adds nothing."""

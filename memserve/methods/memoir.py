@@ -233,18 +233,21 @@ class MemoirMemory(EditMemory):
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Each routed row reads the k columns of its edit, weighted by its signed features: one
         `embedding_bag` over the rows of Wm^T for the whole batch (cost rows x k x H, whatever the
-        number of edits or `copies`); unrouted rows get zero."""
-        out = a.new_zeros(a.shape[0], self.hidden_size)
-        routed = (routes >= 0).nonzero().squeeze(1)
-        if not routed.numel():
-            return out
-        edits = routes[routed]
-        x = self.memory_input(a[routed], None if context is None else context[routed])
-        inputs = x.gather(1, self.edit_features[edits]) * self.edit_signs[edits]
+        number of edits or `copies`). Unrouted rows get exactly zero by masking, not by selecting
+        rows: no data-dependent shapes and no host synchronisation, so a captured graph can replay it."""
+        if not self.num_edits:
+            return a.new_zeros(a.shape[0], self.hidden_size)
+        edits = routes.clamp_min(0)
+        features, signs = self.edit_features[edits], self.edit_signs[edits] * (routes >= 0).unsqueeze(1)
+        if self.feature_range is not None:  # a tensor-parallel rank: only its features, at local indices
+            start, end = self.feature_range
+            signs = signs * ((features >= start) & (features < end))
+            features = (features - start).clamp(0, end - start - 1)
+        weights = self.memory_input(a, context).gather(1, features) * signs
         rows_of_wm = self.residual_rows(a.dtype)
-        delta = F.embedding_bag(self.edit_columns[edits], rows_of_wm, per_sample_weights=inputs.to(rows_of_wm.dtype),
+        delta = F.embedding_bag(self.edit_columns[edits], rows_of_wm, per_sample_weights=weights.to(rows_of_wm.dtype),
                                 mode="sum")
-        return out.index_copy_(0, routed, delta.to(a.dtype))
+        return delta.to(a.dtype)
 
     def residual_rows(self, dtype: torch.dtype) -> torch.Tensor:
         """Wm transposed ([copies * I, H], so an edit's columns are contiguous rows to gather), cached
@@ -260,10 +263,14 @@ class MemoirMemory(EditMemory):
         """What Wm reads for each token: `a` (the paper), optionally decentred and/or with the
         request's decentred prompt mean (`context`, the mean of `token_stats` over its prompt)."""
         x = a.to(self.residual.dtype)
+        background = self.background
+        if self.feature_range is not None:  # `a` is a tensor-parallel rank's shard of the features
+            background = background[self.feature_range[0] : self.feature_range[1]]
+            context = None if context is None else context[..., self.feature_range[0] : self.feature_range[1]]
         if self.config.decentre_input:
-            x = x - self.background
+            x = x - background
         if self.config.prompt_context and context is not None:
-            x = x + (context.to(x.dtype) - self.background)
+            x = x + (context.to(x.dtype) - background)
         return x
 
     def layout(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,6 +289,9 @@ class MemoirMemory(EditMemory):
 
     def route_label(self, route: int) -> str:
         return "none" if route < 0 else f"edit-{route}"
+
+    def shard_features(self, start: int, end: int) -> None:
+        self.feature_range = (start, end)
 
     def neutral_context(self) -> torch.Tensor:
         return self.background  # `memory_input` adds `context - background`

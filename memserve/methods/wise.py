@@ -184,10 +184,18 @@ class WiseMemory(EditMemory):
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         out = a.new_zeros(a.shape[0], self.hidden_size)
         deltas, _ = self._candidates()
+        if self.feature_range is not None:  # a tensor-parallel rank: its columns of each task vector
+            deltas = deltas[:, :, self.feature_range[0] : self.feature_range[1]]
         for route in routes[routes >= 0].unique().tolist():
             rows = (routes == route).nonzero().squeeze(1)
             out[rows] = (a[rows].float() @ deltas[route].T).to(a.dtype)
         return out
+
+    def shard_features(self, start: int, end: int) -> None:
+        if self.config.score != "prompt":
+            raise NotImplementedError("a WISE memory scored per token (score='tokens') cannot be served with "
+                                      "tensor parallelism: its routing statistics need every feature of each token")
+        self.feature_range = (start, end)
 
     def route_label(self, route: int) -> str:
         if route < 0:

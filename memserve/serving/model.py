@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from .layers import RowParallelLinearWithMemory
+from .layers import RowParallelLinearWithMemory, split_graphs_at_routing
 from .runner_hooks import install_runner_hooks
 from .runtime import MemoryRuntime
 
@@ -35,7 +35,7 @@ STORE_CONFIG_KEY = "memserve_store"
 # Part of vLLM's compile-cache hash (`additional_config`) when a memory is attached: the wrapped graph
 # and the plain one must never be served from each other's cache entry (vLLM's hash ignores
 # `hf_overrides`, which is where the store is named). Bump when the wrapper's graph changes.
-GRAPH_REVISION = 2  # 2: the wrapper keeps the base layer as `base_layer`
+GRAPH_REVISION = 3  # 2: the wrapper keeps the base layer as `base_layer`; 3: two ops (route, apply)
 COMPILE_CACHE_KEY = "memserve_memory"
 
 
@@ -136,14 +136,9 @@ def attach_memory(model, vllm_config, store, manifest: dict, layer: int, checkpo
     """Rebuild the store's memory on `model.layers[layer].mlp.down_proj` (refusing other weights)."""
     from memserve.editor import load_memory
     from memserve.models import weight_hash
-    from vllm.distributed import get_tensor_model_parallel_world_size
-
     from .prefix_cache import chat_format
     from .reload import StoreWatcher
 
-    if get_tensor_model_parallel_world_size() > 1:
-        raise RuntimeError("memserve: tensor parallelism is not supported (the memory needs the full "
-                           "down_proj input); serve with --tensor-parallel-size 1")
     mlp = model.model.layers[layer].mlp
     if checkpoint_weight is None:  # e.g. a loader that renamed the tensor: use what was loaded
         checkpoint_weight = mlp.down_proj.weight.detach().to("cpu", torch.float32).clone()
@@ -156,15 +151,50 @@ def attach_memory(model, vllm_config, store, manifest: dict, layer: int, checkpo
         )
     memory = load_memory(store, checkpoint_weight)
     memory.eval()
-    runtime = MemoryRuntime(memory, chat_format(vllm_config.model_config.tokenizer), version=store.version)
+    # Per-token buffers live on the model's device, sized for the largest forward; the dense delta path
+    # follows from the device (see runtime.TokenInputs). The memory's own tensors stay on the CPU.
+    shard, gather, agree = tensor_parallel_hooks(mlp.down_proj)
+    runtime = MemoryRuntime(memory, chat_format(vllm_config.model_config.tokenizer), version=store.version,
+                            device=mlp.down_proj.weight.device,
+                            max_tokens=vllm_config.scheduler_config.max_num_batched_tokens, shard=shard, gather=gather)
     model.memserve_watcher = StoreWatcher(store.path, checkpoint_weight, digest, layer, runtime,
-                                          identity=store.identity())
+                                          identity=store.identity(), agree=agree)
     mlp.down_proj = RowParallelLinearWithMemory(mlp.down_proj, runtime)
     model.memserve_runtime = runtime
     mark_compile_cache(vllm_config, layer)
+    split_graphs_at_routing(vllm_config.compilation_config)
     install_runner_hooks()
     logger.info("memserve: %s memory with %d edits on layer %d from %s", manifest["method"], memory.num_edits,
                 layer, store.path)
+
+
+def tensor_parallel_hooks(down_proj):
+    """Under tensor parallelism (none: three Nones): the features [start, end) of the down-projection
+    input this rank holds, the all-gather of prompt statistics along the features, and the agreement
+    of the ranks' store watchers on which rebuild to install (see `reload.StoreWatcher.agree`)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    if get_tensor_model_parallel_world_size() == 1:
+        return None, None, None
+    import hashlib
+
+    import torch.distributed as dist
+    from vllm.distributed import get_tp_group, tensor_model_parallel_all_gather
+
+    width = down_proj.input_size_per_partition
+    start = get_tensor_model_parallel_rank() * width
+    group = get_tp_group().cpu_group
+
+    def gather(stats: torch.Tensor) -> torch.Tensor:
+        return tensor_model_parallel_all_gather(stats.contiguous(), dim=-1)
+
+    def agree(identity: str | None) -> bool:
+        code = 0 if identity is None else int.from_bytes(hashlib.blake2b(identity.encode(), digest_size=7).digest(), "little")
+        extremes = torch.tensor([code, -code], dtype=torch.int64)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+        return int(extremes[0]) == code and int(extremes[1]) == -code
+
+    return (start, start + width), gather, agree
 
 
 def mark_compile_cache(vllm_config, layer: int) -> None:

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -36,7 +37,8 @@ class StoreWatcher:
     """Keeps `runtime` on the current content of the store at `path` (see module doc)."""
 
     def __init__(self, path: str | os.PathLike, base_weight: torch.Tensor, weight_hash: str, layer: int,
-                 runtime: MemoryRuntime, identity: str | None = None, interval: float | None = None):
+                 runtime: MemoryRuntime, identity: str | None = None, interval: float | None = None,
+                 agree: Callable[[str | None], bool] | None = None):
         self.path = Path(path)
         self.base_weight = base_weight  # fp32 checkpoint weight of the edited down_proj
         self.weight_hash = weight_hash
@@ -54,6 +56,10 @@ class StoreWatcher:
         self._loading: dict | None = None  # {"identity", "version", "thread"} of the rebuild under way
         self._ready: tuple | None = None  # (memory, version, identity) built, waiting for `install`
         self._lock = threading.Lock()
+        # Tensor parallelism: every rank runs its own watcher, and all must swap at the same step (a
+        # request's ranks must serve one memory). `agree(identity of the rebuild ready here, or None)`
+        # is a collective true only when every rank has that same rebuild ready.
+        self.agree = agree
 
     # --- step thread -------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -67,9 +73,14 @@ class StoreWatcher:
     def install(self) -> None:
         """Hand a finished rebuild to the runtime (new requests get it; running ones keep theirs)."""
         with self._lock:
-            ready, self._ready = self._ready, None
+            ready = self._ready
+        if self.agree is not None and not self.agree(None if ready is None else ready[2]):
+            return
         if ready is None:
             return
+        with self._lock:
+            if self._ready is ready:  # else a newer rebuild finished meanwhile: installed at a later step
+                self._ready = None
         memory, version, identity = ready
         self.runtime.swap(memory, version)
         self.identity = identity

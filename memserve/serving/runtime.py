@@ -33,7 +33,7 @@ import re
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Container, Sequence
+from typing import Callable, Container, Sequence
 
 import numpy as np
 import torch
@@ -172,7 +172,16 @@ class MemoryRuntime:
     """Routing state of one memory attached to one model instance."""
 
     def __init__(self, memory: EditMemory, chat: ChatFormat | None = None, max_recent: int = 65536,
-                 version: int | None = None):
+                 version: int | None = None, dense: bool | None = None, device: torch.device | str = "cpu",
+                 max_tokens: int = 0, shard: tuple[int, int] | None = None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        # Tensor parallelism: this rank holds the features `shard` = [start, end) of `a`; `gather`
+        # concatenates every rank's [R, width] prompt statistics along the features (a collective:
+        # each rank runs the same steps with the same plan, so all call it together and then route
+        # alike). Every memory served is restricted to the shard (`EditMemory.shard_features`).
+        self.shard, self.gather = shard, gather
+        if shard is not None:
+            memory.shard_features(*shard)
         self.memory = memory  # serves requests first seen from now on (see `swap`)
         self.version = version
         self.chat = chat
@@ -181,9 +190,20 @@ class MemoryRuntime:
         self.plan: BatchPlan | None = None
         self._warned_gap = False
         self.steps = 0  # forwards that went through `apply` with a plan (for tests / diagnostics)
+        self.routing_steps = 0  # of those, the steps that read activations on the host (`needs_routing`)
+        # How the delta reaches the batch (`TokenInputs`): "dense" over every row from per-token buffers
+        # (no host work, replayable by a captured graph: any device but the CPU), or "compact" over the
+        # routed rows only (cheaper on the CPU, where nothing is captured). None: chosen by `device`,
+        # the model's. `max_tokens`: the most tokens one forward holds (the buffers' first size).
+        self.device = torch.device(device)
+        self.dense = dense if dense is not None else self.device.type != "cpu"
+        self.max_tokens = max_tokens
+        self._tracked: list[tuple[RequestRoute, tuple[int, int] | None, bool]] = []
+        self._members: list[tuple[EditMemory, list[int]]] = []  # the step's requests by memory (with edits)
+        self._inputs: list[tuple[EditMemory, TokenInputs]] = []
         self.recomputes = 0  # chunks that re-ran already processed positions (preemption)
         self.refused_options = 0  # requests served without edits because their options were invalid
-        # Metrics (`/metrics`): routing decisions, hits per route label, time spent in `apply`.
+        # Metrics (`/metrics`): routing decisions, hits per route label, time spent in `begin_step` and `apply`.
         self.routed = 0
         self.unrouted = 0
         self.hits: Counter[str] = Counter()
@@ -192,11 +212,14 @@ class MemoryRuntime:
         # the route was known got the base output; exact only if each prompt is prefilled in one chunk
         # (serve with chunked prefill off). Counted here and warned about once.
         self.inexact = 0
-        # `_add_delta`'s last (key, objects whose ids the key holds, kept alive so ids stay unique, inputs)
-        self._delta_cache: tuple = (None, None, None)
+        # `_step_inputs`' last (key, objects whose ids the key holds, kept alive so ids stay unique, inputs)
+        self._inputs_cache: tuple = (None, None, None)
+        self._buffers: list[TokenBuffers] = []  # the dense path's persistent per-token buffers, one per memory
 
     def swap(self, memory: EditMemory, version: int | None = None) -> None:
         """Serve `memory` to requests first seen from now on; live requests keep theirs (module doc)."""
+        if self.shard is not None:
+            memory.shard_features(*self.shard)
         self.memory, self.version = memory, version
 
     def pinned_memories(self) -> int:
@@ -211,10 +234,26 @@ class MemoryRuntime:
 
     # --- lifecycle, driven by the model runner ----------------------------------------------------
     def begin_step(self, plan: BatchPlan | None) -> None:
+        """Before the forward, from the plan alone (host): each request's bookkeeping for this step and,
+        when the step only decodes, its per-token inputs (so a replayed graph reads current buffers)."""
+        started = time.perf_counter()
         self.plan = plan
+        self._tracked = [] if plan is None else [self._track(plan, i) for i in range(len(plan.req_ids))]
+        groups: dict[int, list[int]] = {}
+        for i, (state, _, _) in enumerate(self._tracked):
+            if state.memory.num_edits:
+                groups.setdefault(id(state.memory), []).append(i)
+        self._members = [(self._tracked[members[0]][0].memory, members) for members in groups.values()]
+        self._inputs = [] if plan is None or self.needs_routing() else self._step_inputs()
+        self.apply_seconds += time.perf_counter() - started
 
     def end_step(self) -> None:
-        self.plan = None
+        self.plan, self._tracked, self._members, self._inputs = None, [], [], []
+
+    def needs_routing(self) -> bool:
+        """Whether this step reads activations on the host: some request adds routing-span statistics
+        or ends its prompt. False on steps that only decode: those only read the per-token buffers."""
+        return any(rows is not None or decides for _, rows, decides in self._tracked)
 
     def free(self, req_id: str) -> None:
         state = self.states.pop(req_id, None)
@@ -260,28 +299,35 @@ class MemoryRuntime:
     # --- the forward ------------------------------------------------------------------------------
     @torch.no_grad()
     def apply(self, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """`out` = base down_proj output [N, H] for the flat batch whose inputs are `a` [N, I]."""
-        plan = self.plan
-        if plan is None:
-            return out
-        started = time.perf_counter()
-        try:
-            return self._apply(plan, out, a)
-        finally:
-            self.apply_seconds += time.perf_counter() - started
+        """`out` = base down_proj output [N, H] for the flat batch whose inputs are `a` [N, I]: the two
+        halves the compiled wrapper runs as separate ops, `route_step` then `add_delta`."""
+        self.route_step(a)
+        return self.add_delta(out, a)
 
-    def _apply(self, plan: BatchPlan, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def route_step(self, a: torch.Tensor) -> None:
+        """Host half of a step: add span statistics, route the requests whose prompt ends now (only
+        on `needs_routing` steps) and set the step's per-token routes. vLLM must run it outside any
+        captured graph (`layers.ROUTE_OP` is a splitting op)."""
+        if self.plan is None:
+            return
+        started = time.perf_counter()
         self.steps += 1
-        tracked = [self._track(plan, i) for i in range(len(plan.req_ids))]
-        states = [state for state, _, _ in tracked]
-        by_memory: dict[int, list[int]] = {}
-        for i, state in enumerate(states):
-            if state.memory.num_edits:
-                by_memory.setdefault(id(state.memory), []).append(i)
-        for members in by_memory.values():
-            memory = states[members[0]].memory
-            self._route(memory, members, tracked, plan, a)
-            out = self._add_delta(memory, members, states, plan, a, out)
+        if self.needs_routing():
+            self.routing_steps += 1
+            for memory, members in self._members:
+                self._route(memory, members, a)
+            self._inputs = self._step_inputs()
+        self.apply_seconds += time.perf_counter() - started
+
+    @torch.no_grad()
+    def add_delta(self, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Device half of a step: `out` plus each memory's delta on its routed answer-span tokens, from
+        the inputs `route_step` set. No host work and no host synchronisation on the dense path."""
+        started = time.perf_counter()
+        for memory, inputs in self._inputs:
+            out = inputs.add_to(memory, out, a)
+        self.apply_seconds += time.perf_counter() - started
         return out
 
     def _new_state(self, plan: BatchPlan, i: int) -> RequestRoute:
@@ -345,9 +391,10 @@ class MemoryRuntime:
                     "chunks saw the base model. Disable chunked prefill for exact results.", rid)
         return state, rows, decides
 
-    def _route(self, memory: EditMemory, members: list[int], tracked: list, plan: BatchPlan, a: torch.Tensor) -> None:
+    def _route(self, memory: EditMemory, members: list[int], a: torch.Tensor) -> None:
         """Add this step's span statistics of `members` (requests served by `memory`) and settle those
         whose prompt ends in this step: route them (unless forced) and keep their prompt mean."""
+        tracked, plan = self._tracked, self.plan
         states = [state for state, _, _ in tracked]
         spans = [(i, tracked[i][1]) for i in members if tracked[i][1] is not None]
         if spans:
@@ -363,11 +410,15 @@ class MemoryRuntime:
 
         deciders = [i for i in members if tracked[i][2]]
         known = [i for i in deciders if states[i].complete and states[i].count > 0]
+        means = {}
+        if known:
+            local = torch.stack([states[i].stats_sum / states[i].count for i in known])
+            means = dict(zip(known, local if self.gather is None else self.gather(local)))
         for i in deciders:
             state = states[i]
             state.settled = True
             if i in known:
-                state.mean_stats = state.stats_sum / state.count
+                state.mean_stats = means[i]
                 if state.explain:
                     state.explanation = route_explanation(memory, state.mean_stats, state.explain, state.mentions)
             state.stats_sum = None  # no longer needed
@@ -396,44 +447,107 @@ class MemoryRuntime:
             else:
                 self.unrouted += 1
 
-    def _add_delta(self, memory: EditMemory, members: list[int], states: list[RequestRoute], plan: BatchPlan,
-                   a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`out` plus `memory`'s contribution on the answer-span tokens of its routed `members`.
-        Runs every step: only the routed rows go through `memory.delta` (one call for the batch)."""
-        firsts, ends, routes, means = [], [], [], []
-        for i in members:
-            state = states[i]
-            if state.route is None or state.route < 0 or not state.settled:
-                continue
-            s, e = int(plan.starts[i]), int(plan.starts[i + 1])
-            first = s if acts_on_all(memory) else s + max(0, state.prompt_len - 1 - int(plan.first_pos[i]))
-            if first < e:
-                firsts.append(first), ends.append(e), routes.append(state.route), means.append(state.mean_stats)
-        if not firsts:
-            return out
-        key = (id(memory), tuple(firsts), tuple(ends), tuple(routes), tuple(map(id, means)))
-        if key != self._delta_cache[0]:  # else: the same spans as last step (steady decoding): reuse
-            self._delta_cache = (key, (memory, means), delta_inputs(memory, firsts, ends, routes, means))
-        rows, token_routes, context = self._delta_cache[2]
-        return out.index_add(0, rows, memory.delta(a[rows], token_routes, context).to(out.dtype))
+    def _step_inputs(self) -> list[tuple[EditMemory, "TokenInputs"]]:
+        """Per memory in the batch: its routed answer-span tokens as `TokenInputs`. Rebuilt only when
+        the spans change (steady decoding keeps the same flat rows and routes from step to step)."""
+        n = int(self.plan.starts[-1])
+        spans = []
+        for memory, members in self._members:
+            firsts, ends, routes, means = [], [], [], []
+            for i in members:
+                state = self._tracked[i][0]
+                if state.route is None or state.route < 0 or not state.settled:
+                    continue
+                s, e = int(self.plan.starts[i]), int(self.plan.starts[i + 1])
+                first = s if acts_on_all(memory) else s + max(0, state.prompt_len - 1 - int(self.plan.first_pos[i]))
+                if first < e:
+                    firsts.append(first), ends.append(e), routes.append(state.route), means.append(state.mean_stats)
+            if firsts:
+                spans.append((memory, firsts, ends, routes, means))
+        key = (n, tuple((id(m), tuple(f), tuple(e), tuple(r), tuple(map(id, c))) for m, f, e, r, c in spans))
+        if key != self._inputs_cache[0]:
+            while len(self._buffers) < len(spans):
+                self._buffers.append(TokenBuffers(self.max_tokens, self.device))
+            inputs = [(memory, TokenInputs.build(memory, firsts, ends, routes, means, n, self.device,
+                                                 self._buffers[j] if self.dense else None))
+                      for j, (memory, firsts, ends, routes, means) in enumerate(spans)]
+            self._inputs_cache = (key, spans, inputs)
+        return self._inputs_cache[2]
 
 
-def delta_inputs(memory: EditMemory, firsts: list[int], ends: list[int], routes: list[int],
-                 means: list[torch.Tensor | None]):
-    """(flat rows of the spans [firsts[j], ends[j]), their routes, their prompt means). A request
-    whose prompt statistics are unknown (a forced route after a prefix-cache hit) gets the memory's
-    neutral context; every other row keeps its own, whatever its neighbours in the batch."""
-    lengths = np.subtract(ends, firsts)
-    span_of = np.repeat(np.arange(len(firsts)), lengths)
-    rows = np.arange(len(span_of)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(firsts, lengths)
-    token_routes = torch.from_numpy(np.asarray(routes, dtype=np.int64)[span_of])
-    neutral = None
-    if any(mean is None for mean in means):
-        neutral = memory.neutral_context()
-    context = torch.stack([neutral if mean is None else mean for mean in means])
-    if len(span_of) != len(means):
-        context = context[torch.from_numpy(span_of)]
-    return torch.from_numpy(rows), token_routes, context
+class TokenBuffers:
+    """Persistent per-token inputs of the dense path, written in place (a captured graph keeps reading
+    the same storage, as vLLM's LoRA index buffers do): each row's route (-1: none, also for every
+    row past the step's tokens, i.e. a graph's padding), the row of `contexts` it reads, and the
+    routed requests' prompt means. Sized for `max_tokens` rows up front; grows only past that."""
+
+    def __init__(self, max_tokens: int, device: torch.device):
+        self.routes = torch.full((max_tokens,), NO_ROUTE, dtype=torch.long, device=device)
+        self.slots = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.contexts = torch.zeros(0, 0, device=device)
+
+    def fill(self, rows: np.ndarray, routes: np.ndarray, slots: np.ndarray, contexts: torch.Tensor, n: int) -> None:
+        size, device = self.routes.shape[0], self.routes.device
+        if size < n:
+            size = max(n, 2 * size)
+            self.routes = torch.empty(size, dtype=torch.long, device=device)
+            self.slots = torch.zeros(size, dtype=torch.long, device=device)
+        if self.contexts.shape[0] < contexts.shape[0] or self.contexts.shape[1:] != contexts.shape[1:]:
+            self.contexts = torch.zeros(max(contexts.shape[0], 2 * self.contexts.shape[0]), *contexts.shape[1:],
+                                        device=device)
+        host_routes = np.full(size, NO_ROUTE, dtype=np.int64)
+        host_routes[rows] = routes
+        host_slots = np.zeros(size, dtype=np.int64)
+        host_slots[rows] = slots
+        self.routes.copy_(torch.from_numpy(host_routes), non_blocking=True)
+        self.slots.copy_(torch.from_numpy(host_slots), non_blocking=True)
+        self.contexts[: contexts.shape[0]].copy_(contexts)
+
+    def rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routes and context rows of the first `n` rows (rows past the buffer are unrouted padding)."""
+        if n <= self.routes.shape[0]:
+            return self.routes[:n], self.slots[:n]
+        pad = n - self.routes.shape[0]
+        return (torch.cat([self.routes, self.routes.new_full((pad,), NO_ROUTE)]),
+                torch.cat([self.slots, self.slots.new_zeros(pad)]))
+
+
+@dataclass
+class TokenInputs:
+    """What one memory's delta reads in one step. Compact (`rows` set): the routed rows, their routes
+    and prompt means, gathered and scattered by host-built indices. Dense (`buffers` set): every row of
+    the batch from persistent per-token buffers (-1: unrouted, which the memory's delta maps to
+    exactly zero): no host work, no data-dependent shapes."""
+
+    routes: torch.Tensor | None = None
+    contexts: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    buffers: TokenBuffers | None = None
+
+    @classmethod
+    def build(cls, memory: EditMemory, firsts: list[int], ends: list[int], routes: list[int],
+              means: list[torch.Tensor | None], n: int, device: torch.device, buffers: TokenBuffers | None):
+        """From spans [firsts[j], ends[j]) of flat rows routed to routes[j] with prompt means[j]. A
+        request whose prompt statistics are unknown (a forced route after a prefix-cache hit) reads the
+        memory's neutral context; every other row its own, whatever its neighbours in the batch."""
+        lengths = np.subtract(ends, firsts)
+        span_of = np.repeat(np.arange(len(firsts)), lengths)
+        rows = np.arange(len(span_of)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(firsts, lengths)
+        neutral = memory.neutral_context() if any(mean is None for mean in means) else None
+        contexts = torch.stack([neutral if mean is None else mean for mean in means])
+        token_routes = np.asarray(routes, dtype=np.int64)[span_of]
+        if buffers is not None:
+            buffers.fill(rows, token_routes, span_of, contexts.to(device), n)
+            return cls(buffers=buffers)
+        if len(span_of) != len(means):
+            contexts = contexts[torch.from_numpy(span_of)]
+        return cls(torch.from_numpy(token_routes), contexts, rows=torch.from_numpy(rows))
+
+    def add_to(self, memory: EditMemory, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if self.buffers is not None:
+            routes, slots = self.buffers.rows(a.shape[0])
+            return out + memory.delta(a, routes, self.buffers.contexts[slots]).to(out.dtype)
+        return out.index_add(0, self.rows, memory.delta(a[self.rows], self.routes, self.contexts).to(out.dtype))
 
 
 def acts_on_all(memory: EditMemory) -> bool:

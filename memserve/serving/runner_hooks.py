@@ -16,6 +16,7 @@ from .options import RequestOptions
 from .runtime import BatchPlan, MemoryRuntime
 
 _installed = False
+_pipeline_fixed = False
 
 
 def runtime_of(model) -> MemoryRuntime | None:
@@ -83,3 +84,27 @@ def install_runner_hooks() -> None:
     GPUModelRunner._model_forward = _model_forward
     GPUModelRunner._on_request_state_removed = _on_request_state_removed
     _installed = True
+
+
+def install_pipeline_fix() -> None:
+    """Work around vLLM 0.32's CPU runner under pipeline parallelism (idempotent): a stage after the
+    first needs its `intermediate_tensors` buffer, which only the warm-up dummy run allocates, and
+    the CPU worker skips the warm-up in eager mode with a fixed KV cache size (memserve's defaults), so
+    the first real step failed (`assert self.intermediate_tensors is not None`). Allocate it as the
+    dummy run would, on first use."""
+    global _pipeline_fixed
+    if _pipeline_fixed:
+        return
+    from vllm.distributed.parallel_state import get_pp_group
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner.sync_and_gather_intermediate_tensors
+
+    def sync_and_gather_intermediate_tensors(self, *args, **kwargs):
+        if self.intermediate_tensors is None and not get_pp_group().is_first_rank:
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device)
+        return original(self, *args, **kwargs)
+
+    GPUModelRunner.sync_and_gather_intermediate_tensors = sync_and_gather_intermediate_tensors
+    _pipeline_fixed = True

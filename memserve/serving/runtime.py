@@ -200,6 +200,7 @@ class MemoryRuntime:
         self.max_tokens = max_tokens
         self._tracked: list[tuple[RequestRoute, tuple[int, int] | None, bool]] = []
         self._members: list[tuple[EditMemory, list[int]]] = []  # the step's requests by memory (with edits)
+        self._routing = False  # `needs_routing()` of the current step, decided in `begin_step`
         self._inputs: list[tuple[EditMemory, TokenInputs]] = []
         self.recomputes = 0  # chunks that re-ran already processed positions (preemption)
         self.refused_options = 0  # requests served without edits because their options were invalid
@@ -244,16 +245,17 @@ class MemoryRuntime:
             if state.memory.num_edits:
                 groups.setdefault(id(state.memory), []).append(i)
         self._members = [(self._tracked[members[0]][0].memory, members) for members in groups.values()]
-        self._inputs = [] if plan is None or self.needs_routing() else self._step_inputs()
+        self._routing = any(rows is not None or decides for _, rows, decides in self._tracked)
+        self._inputs = [] if plan is None or self._routing else self._step_inputs()
         self.apply_seconds += time.perf_counter() - started
 
     def end_step(self) -> None:
-        self.plan, self._tracked, self._members, self._inputs = None, [], [], []
+        self.plan, self._tracked, self._members, self._inputs, self._routing = None, [], [], [], False
 
     def needs_routing(self) -> bool:
         """Whether this step reads activations on the host: some request adds routing-span statistics
         or ends its prompt. False on steps that only decode: those only read the per-token buffers."""
-        return any(rows is not None or decides for _, rows, decides in self._tracked)
+        return self._routing
 
     def free(self, req_id: str) -> None:
         state = self.states.pop(req_id, None)

@@ -10,9 +10,10 @@ Layout of the LMDB environment (one directory):
 - `versions`: one JSON entry per version (what made it: create, edit, rollback; its edit count and the
              checksum of every memory tensor it had);
 - `history`: per version and tensor, the *undo* from that version back to the one before, as
-             safetensors: the changed columns (or rows) of the previous tensor, all of it when its shape
-             changed, or an `absent` marker. A MEMOIR edit changes only its mask's columns, so its undo
-             is ~top_k/I of the residual instead of a full snapshot;
+             safetensors: the changed columns (or rows, or scattered entries as index/value pairs) of the
+             previous tensor, all of it when its shape changed, or an `absent` marker. A MEMOIR edit
+             changes only its mask's columns, so its undo is ~top_k/I of the residual; a WISE edit
+             changes its gradient mask's entries (~mask_ratio of one memory), kept as pairs;
 - `journal`: every edit ever committed (record + key bits), keyed by the version that committed it.
 
 One edit = one LMDB write transaction holding its record, its key, its journal entry, the memory
@@ -103,6 +104,11 @@ def _undo(old: torch.Tensor | None, new: torch.Tensor | None) -> dict[str, torch
     o, n = old.reshape(old.shape[0], -1), new.reshape(new.shape[0], -1)
     changed = o != n
     rows, cols = changed.any(1).nonzero().squeeze(1), changed.any(0).nonzero().squeeze(1)
+    dense = min(cols.numel() * o.shape[0], rows.numel() * o.shape[1])  # entries a row/column undo keeps
+    entries = changed.nonzero()
+    if entries.shape[0] * 2 < dense and o.numel() < 2**31:  # scattered changes: (int32 index, value) pairs
+        flat = (entries[:, 0] * o.shape[1] + entries[:, 1]).to(torch.int32)
+        return {"entries": flat, "values": o.reshape(-1)[flat.long()].contiguous()}
     if cols.numel() * o.shape[0] <= rows.numel() * o.shape[1]:
         return {"cols": cols, "values": o[:, cols].contiguous()}
     return {"rows": rows, "values": o[rows].contiguous()}
@@ -114,7 +120,9 @@ def _apply_undo(new: torch.Tensor | None, undo: dict[str, torch.Tensor]) -> torc
     if "full" in undo:
         return undo["full"]
     out = new.clone().reshape(new.shape[0], -1)
-    if "cols" in undo:
+    if "entries" in undo:
+        out.view(-1)[undo["entries"].long()] = undo["values"]
+    elif "cols" in undo:
         out[:, undo["cols"]] = undo["values"]
     else:
         out[undo["rows"]] = undo["values"]

@@ -120,7 +120,7 @@ def test_memoir_signed_columns_stable_per_mask_and_shared_columns_decorrelate():
 def test_wise_routes_by_score_threshold_and_picks_highest():
     torch.manual_seed(0)
     base = torch.randn(H, I)
-    paper = dict(score="tokens", decentre=False, normalise=False, save_freq=500, merge_freq=1000)  # the paper's gate
+    paper = dict(score="tokens", decentre=False, normalise=False, save_freq=500, merge_freq=1000, consolidate="ties")  # the paper's gate
     memory = WiseMemory(WiseConfig(layer=0, act_ratio=0.5, **paper), base)
     a = torch.randn(2, I)
     assert memory.route(memory.token_stats(a))[0].tolist() == [NO_ROUTE, NO_ROUTE]
@@ -146,7 +146,7 @@ def test_ties_merge_trims_elects_sign_and_averages_agreeing_entries():
 def test_wise_shards_and_merges_on_schedule():
     torch.manual_seed(0)
     base = torch.randn(H, I)
-    memory = WiseMemory(WiseConfig(layer=0, save_freq=2, merge_freq=4), base)
+    memory = WiseMemory(WiseConfig(layer=0, save_freq=2, merge_freq=4, consolidate="ties"), base)
     for step in range(4):
         memory.side = memory.side + 0.1 * torch.randn(H, I)
         memory.side_min_score = torch.tensor(1.0)
@@ -166,7 +166,8 @@ def test_wise_shards_and_merges_on_schedule():
 def test_wise_prompt_score_is_normalised_decentred_gain_of_prompt_mean():
     torch.manual_seed(0)
     base = torch.randn(H, I)
-    config = WiseConfig(layer=0, act_ratio=0.5, score="prompt", decentre=True, normalise=True, save_freq=1, merge_freq=1)
+    config = WiseConfig(layer=0, act_ratio=0.5, score="prompt", decentre=True, normalise=True, save_freq=1, merge_freq=1,
+                        consolidate="ties")
     memory = WiseMemory(config, base)
     memory.calibrate(torch.randn(I))
     tokens = torch.randn(5, I)
@@ -198,7 +199,7 @@ def test_wise_prompt_score_is_normalised_decentred_gain_of_prompt_mean():
 def test_wise_state_keeps_one_tensor_per_memory_and_reloads():
     torch.manual_seed(0)
     base = torch.randn(H, I)
-    memory = WiseMemory(WiseConfig(layer=0, save_freq=1, merge_freq=2, retrieve=False), base)
+    memory = WiseMemory(WiseConfig(layer=0, save_freq=1, merge_freq=2, retrieve=False, consolidate="ties"), base)
     for _ in range(2):
         memory.side = base + torch.randn(H, I)
         memory.side_min_score = torch.tensor(1.0)
@@ -223,10 +224,41 @@ def test_wise_state_keeps_one_tensor_per_memory_and_reloads():
     assert stored.score == "tokens" and not stored.decentre and stored.negatives == 1 and not stored.normalise
 
 
+def test_wise_lstsq_pool_fits_every_edit_of_a_memory_jointly_and_reloads_from_samples():
+    """Edits share the pool's memories round-robin; a memory is the ridge fit of all its edits'
+    samples, so an edit that joins does not overwrite the earlier ones, and the memories are derived
+    data: the store keeps the samples only."""
+    torch.manual_seed(0)
+    base = torch.randn(H, I)
+    memory = WiseMemory(WiseConfig(layer=0, pool=2, ridge=1e-6, act_ratio=0.5), base)
+    inputs = torch.linalg.qr(torch.randn(I, I))[0][:9]  # orthonormal: one pair per edit and a probe
+    teachers = [torch.randn(H, I) for _ in range(4)]
+    for e in range(4):
+        x = inputs[2 * e : 2 * e + 2]
+        memory.add_edit_samples(torch.cat([torch.tensor([[1.0], [0.0]]), x, x @ teachers[e].T], dim=1))
+    assert memory.memories.shape[0] == 2  # at most `pool` memories
+    for e in range(4):  # edit e lives in memory e % 2 and the fit reproduces its teacher there
+        x = inputs[2 * e : 2 * e + 2]
+        got = x @ (memory.memories[e % 2] - base).T
+        assert torch.allclose(got, x @ teachers[e].T, atol=1e-3)
+    probe = inputs[8:9]  # spanned by no edit: the memories add (nearly) nothing
+    assert (probe @ (memory.memories - base).transpose(1, 2)).abs().max() < 1e-3
+    key_gain = lambda e: float((teachers[e] @ inputs[2 * e]).norm())
+    assert torch.isclose(memory.memory_eps[0], torch.tensor(0.5 * min(key_gain(0), key_gain(2))), rtol=1e-3)
+    state = memory.state_tensors()
+    assert {f"samples-{e}" for e in range(4)} <= set(state) and not any(k.startswith("memory-") for k in state)
+    again = WiseMemory(memory.config, base)
+    again.load_state(state, torch.zeros(0, I, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+    assert torch.equal(again.memories, memory.memories) and torch.equal(again.memory_eps, memory.memory_eps)
+    assert WiseConfig.from_stored({"layer": 22}).consolidate == "ties"  # stores before the pool keep theirs
+    with pytest.raises(ValueError, match="score='prompt'"):
+        WiseMemory(WiseConfig(layer=0, score="tokens"), base)
+
+
 def test_wise_margin_pick_prefers_the_memory_furthest_above_its_own_threshold():
     base = torch.randn(H, I)
     for margin_pick, expected in ((True, 0), (False, 1)):
-        memory = WiseMemory(WiseConfig(layer=0, score="tokens", margin_pick=margin_pick), base)
+        memory = WiseMemory(WiseConfig(layer=0, score="tokens", margin_pick=margin_pick, consolidate="ties"), base)
         memory.memories = torch.stack([base, base])
         memory.memory_eps = torch.tensor([1.0, 10.0])
         memory.memory_is_shard = torch.tensor([False, False])
@@ -286,7 +318,7 @@ def test_route_explanation_agrees_with_the_routing_rule():
     assert route_explanation(memory, a[0], top=4)["route"] == 3
     for margin_pick, expected in ((True, 0), (False, 1)):
         base = torch.randn(H, I)
-        wise = WiseMemory(WiseConfig(layer=0, score="tokens", margin_pick=margin_pick), base)
+        wise = WiseMemory(WiseConfig(layer=0, score="tokens", margin_pick=margin_pick, consolidate="ties"), base)
         wise.memories = torch.stack([base, base, base])
         wise.memory_eps = torch.tensor([1.0, 10.0, 50.0])
         wise.memory_is_shard = torch.tensor([False, False, False])

@@ -164,7 +164,7 @@ def wise_memory():
 
     g = torch.Generator().manual_seed(3)
     base = torch.randn(H, I, generator=g)
-    memory = WiseMemory(WiseConfig(), base)
+    memory = WiseMemory(WiseConfig(consolidate="ties"), base)  # a side memory set by hand below
     memory.calibrate(torch.randn(I, generator=g))
     state = {k: v.clone() for k, v in memory.state_tensors().items()}
     state.update(side=base + 0.5 * torch.randn(H, I, generator=g), side_min_score=torch.tensor(1.0),

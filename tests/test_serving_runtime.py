@@ -251,7 +251,8 @@ def test_wise_memory_routes_like_reference(gate):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(H, I, generator=g)
     paper = dict(score="tokens", decentre=False, normalise=False)  # mean of token scores
-    memory = WiseMemory(WiseConfig(**paper) if gate == "paper" else WiseConfig(), base)
+    # A side memory set by hand below (the paper's consolidation keeps one)
+    memory = WiseMemory(WiseConfig(**paper, consolidate="ties") if gate == "paper" else WiseConfig(consolidate="ties"), base)
     memory.calibrate(torch.randn(I, generator=g))
     side = base + 0.5 * torch.randn(H, I, generator=g)
     state = {k: v.clone() for k, v in memory.state_tensors().items()}

@@ -142,6 +142,22 @@ def test_undo_keeps_changed_columns_only(tmp_path):
     assert key.endswith(b"residual") and len(undo) < 32 * 16 * 4 / 4
 
 
+def test_undo_of_scattered_changes_keeps_index_value_pairs_and_rolls_back_exactly(tmp_path):
+    """A WISE edit changes a random ~20% of a memory's entries: neither rows nor columns are spared."""
+    before = torch.randn(64, 48)
+    store = Store.create(tmp_path / "s", MANIFEST, {"memory": before})
+    after = before.clone()
+    scattered = torch.rand(64, 48, generator=torch.Generator().manual_seed(1)) < 0.2
+    after[scattered] += 1.0
+    store.commit_edit(record(0), None, {"memory": after})
+    with store.env.begin() as txn:
+        (key, undo), = dict(txn.cursor(db=store._dbs["history"])).items()
+    assert key.endswith(b"memory") and len(undo) < 64 * 48 * 4 * 0.5  # (int32, fp32) pairs of the changes
+    store.rollback(0)
+    assert torch.equal(store.tensors()["memory"], before)
+    assert store.verify(width=64) == []
+
+
 def test_rollback_refusals(tmp_path):
     store = column_store(tmp_path / "s", edits=2)
     for target, message in ((2, "not an earlier version"), (7, "not an earlier version"), (-1, "not an earlier version")):
@@ -333,7 +349,8 @@ def test_wise_rollback_across_a_merge_restores_the_memories_exactly(tiny_model_d
 
     facts = [Fact(f["prompt"], f["target"]) for f in FACTS[:3]]
     runner = open_session(tmp_path / "s", tiny_model_dir, method="wise",
-                          config=tiny_config("wise", steps=3, save_freq=1, merge_freq=2, negatives=2))
+                          config=tiny_config("wise", steps=3, save_freq=1, merge_freq=2, negatives=2,
+                                             consolidate="ties"))
     try:
         weight = runner.edited.memory.base_weight
         runner.apply(facts[:1])

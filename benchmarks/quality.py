@@ -26,6 +26,7 @@ from pathlib import Path
 from memserve.editor import open_session
 from memserve.evaluate import HFBackend, evaluate, evaluate_store
 from memserve.facts import read_facts
+from memserve.bench import store_bytes
 from memserve.machine import describe
 
 DATA = Path(__file__).resolve().parent / "data"  # shipped with the repository (data/README.md)
@@ -66,7 +67,7 @@ def run(dataset: str, method: str, counts: list[int | None], config: dict, gener
                 invalid_rows_skipped=len(invalid), config=runner.edited.memory.config.to_dict(),
                 seconds_per_edit_median=statistics.median(seconds),
                 seconds_per_edit_p90=sorted(seconds)[int(0.9 * (len(seconds) - 1))], edit_seconds_total=edit_seconds,
-                final_loss_mean=statistics.mean(losses), machine=describe(),
+                final_loss_mean=statistics.mean(losses), store_bytes=store_bytes(workdir / "store"), machine=describe(),
             )
             rows.append(result)
             print(json.dumps(summary(result)), flush=True)
@@ -84,7 +85,8 @@ def run(dataset: str, method: str, counts: list[int | None], config: dict, gener
 
 
 def summary(row: dict) -> dict:
-    keys = ("dataset", "method", "T", "rel", "gen", "loc", "ppl", "gen_acc", "gen_exact", "seconds_per_edit_median")
+    keys = ("dataset", "method", "T", "rel", "gen", "loc", "ppl", "gen_acc", "gen_exact", "seconds_per_edit_median",
+            "store_bytes")
     out = {k: row[k] for k in keys if k in row}
     out["routing"] = row["routing"]
     out["worst"] = row["worst"]

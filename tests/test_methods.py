@@ -230,7 +230,7 @@ def test_wise_lstsq_pool_fits_every_edit_of_a_memory_jointly_and_reloads_from_sa
     data: the store keeps the samples only."""
     torch.manual_seed(0)
     base = torch.randn(H, I)
-    memory = WiseMemory(WiseConfig(layer=0, pool=2, ridge=1e-6, act_ratio=0.5), base)
+    memory = WiseMemory(WiseConfig(layer=0, pool=2, ridge=1e-6, decentre=False), base)
     inputs = torch.linalg.qr(torch.randn(I, I))[0][:9]  # orthonormal: one pair per edit and a probe
     teachers = [torch.randn(H, I) for _ in range(4)]
     for e in range(4):
@@ -243,8 +243,16 @@ def test_wise_lstsq_pool_fits_every_edit_of_a_memory_jointly_and_reloads_from_sa
         assert torch.allclose(got, x @ teachers[e].T, atol=1e-3)
     probe = inputs[8:9]  # spanned by no edit: the memories add (nearly) nothing
     assert (probe @ (memory.memories - base).transpose(1, 2)).abs().max() < 1e-3
-    key_gain = lambda e: float((teachers[e] @ inputs[2 * e]).norm())
-    assert torch.isclose(memory.memory_eps[0], torch.tensor(0.5 * min(key_gain(0), key_gain(2))), rtol=1e-3)
+    # Routing by keys: a query near edit 2's key goes to memory 0; far from every key, nowhere.
+    near = inputs[4] + 0.3 * inputs[8]  # cosine .96 to edit 2's key
+    assert memory.route(near[None])[0].tolist() == [0]
+    assert memory.route(inputs[8:9])[0].tolist() == [NO_ROUTE]
+    # An anchored edit (3, memory 1) is reached only by a question naming its subject.
+    memory.load_anchors([((), False), ((), False), ((), False), (((7, 8),), False)])
+    assert memory.route(inputs[6:7])[0].tolist() == [NO_ROUTE]
+    assert memory.route(inputs[6:7], [memory.mentioned([5, 7, 8])])[0].tolist() == [1]
+    explained = route_explanation(memory, inputs[6], top=2, mentions=memory.mentioned([7, 8]))
+    assert explained["route"] == 1 == explained["candidates"][0]["route"] and explained["candidates"][0]["passes"]
     state = memory.state_tensors()
     assert {f"samples-{e}" for e in range(4)} <= set(state) and not any(k.startswith("memory-") for k in state)
     again = WiseMemory(memory.config, base)

@@ -372,3 +372,39 @@ def test_wise_rollback_across_a_merge_restores_the_memories_exactly(tiny_model_d
     for restored, want in ((rolled_back, first), (rolled_forward, merged)):
         for name in ("memories", "memory_eps", "memory_is_shard", "side", "side_min_score", "counters"):
             assert torch.equal(getattr(restored, name), getattr(want, name)), name
+
+
+def test_wise_pool_rollback_restores_each_memory_refit_exactly(tiny_model_dir, tmp_path):
+    """The default WISE pool (memories refit from every edit's samples): an edit adds only its own
+    samples to the store, and rolling back past edits that joined a memory restores that memory bit
+    for bit, rolling forward the refit one."""
+    import copy
+
+    from memserve.editor import load_memory, open_session
+    from memserve.facts import Fact
+
+    from .conftest import FACTS, tiny_config
+
+    facts = [Fact(f["prompt"], f["target"]) for f in FACTS[:3]]
+    runner = open_session(tmp_path / "s", tiny_model_dir, method="wise",
+                          config=tiny_config("wise", steps=3, negatives=2, pool=1))
+    try:
+        weight = runner.edited.memory.base_weight
+        runner.apply(facts[:1])
+        first, first_version = copy.deepcopy(runner.edited.memory), runner.store.version
+        runner.apply(facts[1:])  # both join memory 0, which is refit each time
+        last, last_version = copy.deepcopy(runner.edited.memory), runner.store.version
+        assert sorted(k for k in runner.store.tensors() if k.startswith("samples-")) == ["samples-0", "samples-1", "samples-2"]
+        runner.store.rollback(first_version)
+        rolled_back = load_memory(runner.store, weight)
+        runner.store.rollback(last_version)
+        rolled_forward = load_memory(runner.store, weight)
+        assert runner.store.verify() == []
+    finally:
+        runner.store.close()
+    assert first.memories.shape[0] == last.memories.shape[0] == 1
+    assert not torch.equal(first.memories, last.memories)
+    for restored, want in ((rolled_back, first), (rolled_forward, last)):
+        for name in ("memories", "memory_eps", "counters"):
+            assert torch.equal(getattr(restored, name), getattr(want, name)), name
+        assert all(torch.equal(a, b) for a, b in zip(restored.edit_samples, want.edit_samples))

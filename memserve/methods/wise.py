@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from memserve.subjects import AnchorIndex
+
 from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig, mean_prompt_stats
 
 
@@ -78,8 +80,18 @@ class WiseConfig(MethodConfig):
     # knowledge shards (`save_freq`) TIES-merged every `merge_freq` edits.
     consolidate: str = "lstsq"
     pool: int = 16  # "lstsq": memories at most, whatever the number of edits
-    # "lstsq": ridge strength, relative to the mean squared norm of the fitted inputs.
+    # "lstsq": ridge strength, relative to the mean eigenvalue of the fitted inputs' Gram matrix.
     ridge: float = 1e-3
+    # "lstsq" routes by the edits' keys, not by each memory's gain: a memory fitted to many edits has
+    # a high gain almost everywhere (ZsRE, 64 edits in one memory: every locality probe passed its
+    # gain threshold). A query goes to the memory of the edit whose key (a decentred prompt mean, bare
+    # and as a chat turn) is most cosine-similar to its own, if that reaches `key_tau` and, with
+    # `subject_anchor`, if the query names the edit's subject (as MEMOIR, `memserve.subjects`).
+    # ZsRE train rows 0-299 as keys (in-sample): rephrases reach their own key at >= .6: .947 (chat
+    # .98), unrelated locality probes never; same-template unedited questions reach some key .162
+    # (chat .446) before anchors gate them.
+    key_tau: float = 0.6
+    subject_anchor: bool = True
     # The task vector multiplies `a - background` instead of `a`. Every activation shares the
     # background, so with `a` each edit's update points along it and moves every other answer the
     # memory holds; decentred, edits sharing a memory barely touch each other.
@@ -138,6 +150,8 @@ class WiseMemory(EditMemory):
         self.register_buffer("counters", torch.zeros(3, dtype=torch.long))
         # "lstsq": per edit, rows [is key, memory input (I), teacher output (H)] (`WiseSession.samples`)
         self.edit_samples: list[torch.Tensor] = []
+        self.anchors = AnchorIndex()  # "lstsq": each anchored edit's subject token ids
+        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # `edit_keys()`, until an edit joins
         self._routable: tuple[torch.Tensor, torch.Tensor] | None = None  # `_candidates()`, until the state changes
         self._slots = 0  # `memory-<i>` tensors persisted so far (see `state_tensors`)
 
@@ -199,7 +213,58 @@ class WiseMemory(EditMemory):
         scores = torch.einsum("bi,mhi->bmh", x, deltas).norm(dim=-1)
         return scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-6) if self.config.normalise else scores
 
+    @property
+    def pooled(self) -> bool:
+        return self.config.consolidate == "lstsq"
+
+    def edit_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """"lstsq": every edit's routing keys, unit-norm [K, I], and the edit owning each [K]."""
+        if self._keys is None:
+            keys, owners = [], []
+            for edit, samples in enumerate(self.edit_samples):
+                rows = samples[samples[:, 0] > 0, 1 : 1 + self.intermediate_size]
+                keys.append(rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+                owners.append(torch.full((len(rows),), edit))
+            empty = (torch.zeros(0, self.intermediate_size), torch.zeros(0, dtype=torch.long))
+            self._keys = (torch.cat(keys), torch.cat(owners)) if keys else empty
+        return self._keys
+
+    def key_similarity(self, mean_stats: torch.Tensor, mentions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """"lstsq": each query's cosine to every edit key [B, K], -inf where the key's edit is not
+        eligible (anchored and not named), and each key's threshold [B, K] (`key_tau`; 0 for a named
+        edit whose subject alone suffices)."""
+        keys, owners = self.edit_keys()
+        x = self.gate_input(mean_stats)
+        sims = (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)) @ keys.T
+        thresholds = torch.full_like(sims, self.config.key_tau)
+        if self.config.subject_anchor and self.anchors.anchored:
+            anchored = torch.zeros(len(self.edit_samples), dtype=torch.bool)
+            anchored[sorted(self.anchors.anchored)] = True
+            for row in range(len(sims)):
+                named = sorted((mentions[row] if mentions else None) or ())
+                allowed = ~anchored
+                allowed[named] = True
+                sims[row, ~allowed[owners]] = float("-inf")
+                sufficient = [e for e in named if e in self.anchors.sufficient]
+                thresholds[row, torch.isin(owners, torch.tensor(sufficient, dtype=torch.long))] = 0.0
+        return sims, thresholds
+
+    def route_by_keys(self, mean_stats: torch.Tensor, mentions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """"lstsq": the memory of the most similar eligible key that reaches its threshold (the newest
+        edit on ties, so a re-edit replaces the old answer); the best similarity as score."""
+        batch = mean_stats.shape[0]
+        sims, thresholds = self.key_similarity(mean_stats, mentions)
+        if sims.shape[1] == 0:
+            return torch.full((batch,), NO_ROUTE, dtype=torch.long), torch.zeros(batch)
+        passing = torch.where(sims >= thresholds, sims, torch.full_like(sims, float("-inf")))
+        best = sims.shape[1] - 1 - passing.flip(-1).argmax(-1)
+        owners = self.edit_keys()[1]
+        routes = torch.where(passing.amax(-1) > float("-inf"), owners[best] % self.config.pool, NO_ROUTE)
+        return routes, sims.amax(-1).clamp_min(0.0)
+
     def route(self, mean_stats: torch.Tensor, mentions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pooled:
+            return self.route_by_keys(mean_stats, mentions)
         _, eps = self._candidates()
         batch = mean_stats.shape[0]
         if eps.numel() == 0:
@@ -218,6 +283,16 @@ class WiseMemory(EditMemory):
         if eps.numel() == 0:
             empty = torch.zeros(0)
             return empty.long(), empty, empty, empty.bool()
+        if self.pooled:  # each memory's best eligible key, against that key's threshold
+            sims, thresholds = self.key_similarity(mean_stats[None], [mentions])
+            slots = self.edit_keys()[1] % self.config.pool
+            scores = torch.full((eps.numel(),), -1.0).scatter_reduce(0, slots, sims[0].clamp_min(-1.0), "amax")
+            best = torch.full((eps.numel(),), -1, dtype=torch.long).scatter_reduce(
+                0, slots, torch.where(sims[0] > float("-inf"), torch.arange(len(slots)), -1), "amax")
+            eligible = best >= 0
+            order = torch.tensor(sorted(range(len(scores)), key=lambda m: (not eligible[m], -float(scores[m]))), dtype=torch.long)
+            threshold = torch.where(eligible, thresholds[0][best.clamp_min(0)], torch.full_like(scores, self.config.key_tau))
+            return order, scores[order], threshold[order], eligible[order]
         scores = self.gate_scores(mean_stats[None])[0]
         rank = scores / eps.clamp_min(1e-12) if self.config.margin_pick else scores
         eligible = (scores >= eps).tolist()
@@ -233,6 +308,14 @@ class WiseMemory(EditMemory):
             rows = (routes == route).nonzero().squeeze(1)
             out[rows] = (self.delta_input(a[rows]) @ deltas[route].T).to(a.dtype)
         return out
+
+    def mentioned(self, tokens) -> frozenset[int] | None:
+        return self.anchors.mentioned(tokens) if self.pooled and self.config.subject_anchor else None
+
+    def load_anchors(self, anchors) -> None:
+        self.anchors = AnchorIndex()
+        for edit, (variants, sufficient) in enumerate(anchors):
+            self.anchors.add(edit, variants, sufficient)
 
     def shard_features(self, start: int, end: int) -> None:
         if self.config.score != "prompt":
@@ -289,8 +372,7 @@ class WiseMemory(EditMemory):
         self._refit(len(self.edit_samples) - 1)
 
     def _refit(self, *edits: int) -> None:
-        """Refit the memories holding `edits` from the samples of all their edits; a memory's
-        threshold is `act_ratio` x the lowest score its fit gives one of its edits' keys."""
+        """Refit the memories holding `edits` from the samples of all their edits."""
         pool, inter = self.config.pool, self.intermediate_size
         slots = sorted({e % pool for e in edits})
         count = min(len(self.edit_samples), pool)
@@ -299,12 +381,12 @@ class WiseMemory(EditMemory):
             self.memories = torch.cat([self.memories, self.base_weight.expand(grow, -1, -1).clone()])
             self.memory_eps = torch.cat([self.memory_eps, torch.zeros(grow)])
             self.memory_is_shard = torch.zeros(count, dtype=torch.bool)
+        self._keys = None
         for slot in slots:
             rows = torch.cat(self.edit_samples[slot::pool])
-            is_key, x, y = rows[:, 0] > 0, rows[:, 1 : 1 + inter], rows[:, 1 + inter :]
-            task = ridge_fit(x, y, self.config.ridge)
+            task = ridge_fit(rows[:, 1 : 1 + inter], rows[:, 1 + inter :], self.config.ridge)
             self.memories[slot] = self.base_weight + task
-            self.memory_eps[slot] = self.gain(x[is_key], task[None]).min() * self.config.act_ratio
+            self.memory_eps[slot] = self.config.key_tau  # shown by `candidates`; `route_by_keys` decides
         self._routable = None
 
     def calibrate(self, background_mean: torch.Tensor) -> None:
@@ -403,8 +485,12 @@ class WiseSession(EditSession):
         memory.counters[0] += 1
         if cfg.consolidate == "lstsq":
             memory.counters[2] += 1  # the next edit's teacher gets its own gradient mask
+            anchors = [list(ids) for ids in self.examples.anchors] if cfg.subject_anchor else []
+            suffices = bool(anchors) and self.examples.anchor_suffices
+            memory.anchors.add(len(memory.edit_samples), anchors, suffices)
             memory.add_edit_samples(self.samples(side - memory.base_weight))
-            return {"score": float(score)}
+            return {"score": float(score), **({"anchors": anchors} if anchors else {}),
+                    **({"anchor_suffices": True} if suffices else {})}
         memory.side = side.clone()
         memory.side_min_score = torch.minimum(memory.side_min_score, score)
         memory.counters[1] += 1

@@ -1,17 +1,22 @@
-"""WISE (arXiv 2405.14768): side copies of the FFN value matrix, gated by an activation score.
+"""WISE (arXiv 2405.14768): side copies of the FFN value matrix W, trained per edit under a random
+gradient mask, in a pool of at most `pool` memories.
 
-A side memory W' starts as a copy of the base down-projection W. A query's score for a memory is, by
-default, the gain `||(W' - W) x|| / ||x||` on x = the prompt's mean activation minus a background mean
-(`score="prompt"`, `decentre`, `normalise`); the paper's form, the mean over prompt tokens of
-`||W' a - W a||` (`score="tokens"`), let locality probes outscore the edits here (SmolLM2, ZsRE dev).
-A memory is eligible when the score reaches its threshold eps; among eligible memories the highest
-score wins (WISE-Retrieve); with none eligible the base output is used unchanged.
+Each edit trains a side memory W' (from W, gradients confined to a random mask, a target loss plus a
+routing hinge loss with margins alpha, beta, gamma). What happens next is `consolidate`:
 
-Each edit trains W' with the target loss plus a routing hinge loss (margins alpha, beta, gamma) that
-pushes in-scope scores up and out-of-scope scores down, with gradients confined to a random mask per
-shard. Every `save_freq` edits W' becomes a shard and restarts from W; every `merge_freq` edits the
-pending shards are TIES-merged into one memory (kept beside earlier ones with `retrieve`, folded into a
-single memory without it).
+- "lstsq" (default): W' is a teacher. Its outputs on the edit's own activations (every answer-span
+  token it acted on, every in-scope prompt mean; zero on out-of-scope prompt means) are kept as the
+  edit's samples, and memory `e % pool` is the ridge least-squares fit of the samples of all its
+  edits (`ridge_fit`), refit whenever one joins. The memories are derived data: the store keeps the
+  samples (~0.5 MB per edit on the default model), never a memory per edit. A query goes to the memory
+  of the edit whose key (the edit's decentred prompt mean, bare and as a chat turn) is most similar
+  to its own prompt mean, if the cosine reaches `key_tau` and the query names the edit's subject
+  (`subject_anchor`, as MEMOIR); otherwise the base output is used unchanged.
+- "ties" (the paper; stores written before the pool): every `save_freq` edits W' becomes a knowledge
+  shard and restarts from W; every `merge_freq` edits the pending shards are TIES-merged into one
+  memory (kept beside earlier ones with `retrieve`). A query's score for a memory is its gain
+  `||(W' - W) x|| / ||x||` on the prompt's decentred mean x (`score="prompt"`) or the paper's mean
+  token norm (`score="tokens"`); the memory furthest above its threshold eps wins (WISE-Retrieve).
 
 This file is the single home of WISE's routing rule (`WiseMemory.route`).
 """

@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/memserve demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from memserve.bench import store_bytes
 from memserve.editor import open_session
 from memserve.evaluate import HFBackend, evaluate, evaluate_store
 from memserve.facts import read_facts
-from memserve.bench import store_bytes
 from memserve.machine import describe
 
 DATA = Path(__file__).resolve().parent / "data"  # shipped with the repository (data/README.md)

@@ -106,6 +106,14 @@ class AnchorIndex:
         self.anchored: set[int] = set()
         self.sufficient: set[int] = set()  # edits whose prompt is (mostly) its subject: naming it is enough
 
+    @classmethod
+    def of_edits(cls, anchors: Iterable[tuple[Iterable[Sequence[int]], bool]]) -> "AnchorIndex":
+        """The index of edits 0, 1, ... given each one's (anchor variants, naming them suffices)."""
+        index = cls()
+        for edit, (variants, sufficient) in enumerate(anchors):
+            index.add(edit, variants, sufficient)
+        return index
+
     def add(self, edit: int, variants: Iterable[Sequence[int]], sufficient: bool = False) -> None:
         for ids in variants:
             if ids:

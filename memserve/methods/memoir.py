@@ -307,9 +307,7 @@ class MemoirMemory(EditMemory):
 
     def load_anchors(self, anchors: Sequence[tuple[Sequence[Sequence[int]], bool]]) -> None:
         """Each edit's subject anchor variants (none: unanchored) and whether naming them suffices."""
-        self.anchors = AnchorIndex()
-        for edit, (variants, sufficient) in enumerate(anchors):
-            self.anchors.add(edit, variants, sufficient)
+        self.anchors = AnchorIndex.of_edits(anchors)
         self._key_index = None
 
     def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:

@@ -66,6 +66,7 @@ class EditedModel:
     def __init__(self, model, tokenizer, memory: EditMemory, layer: int):
         self.model, self.tokenizer, self.memory, self.layer = model, tokenizer, memory, layer
         self.chat = ChatFormat(tokenizer)
+        self.base_inputs: dict[tuple[int, ...], torch.Tensor] = {}  # see `training.out_of_scope_inputs`
         base = down_proj(model, layer)
         self.proj = base if isinstance(base, MemoryDownProj) else MemoryDownProj(base, memory)
         self.proj.memory = memory

@@ -36,10 +36,8 @@ def test_edit_then_eval_on_default_model(tmp_path, default_model_dir, method):
     # edit prompt reaches its edit and the unrelated probes keep their unedited predictions.
     assert metrics["routing"]["edit_prompt_to_own_edit"] == 1.0
     assert metrics["loc"] >= 0.9
-    if method == "memoir":
-        assert metrics["rel"] >= 0.9 and metrics["gen_acc"] >= 2 / 3
-    else:  # WISE's side memory lets later edits disturb earlier ones (README: measured quality)
-        assert metrics["rel"] >= 0.5
+    assert metrics["rel"] >= 0.9 and metrics["gen_acc"] >= 2 / 3
+    assert metrics["worst"]["rel"]["value"] >= 0.5  # no edit fails alone behind a good mean
     assert run("store", "verify", "--store", store).returncode == 0
     info = json.loads(run("store", "info", "--store", store, "--json").stdout)
     assert info["edits"] == 3 and info["model"] == "SmolLM2-135M-Instruct"

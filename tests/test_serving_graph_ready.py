@@ -107,6 +107,52 @@ def test_decode_only_steps_do_no_host_work_and_replay_the_same_ops(monkeypatch):
     assert runtime.routing_steps == 1 and runtime.steps == 4
 
 
+def test_wise_decode_only_steps_do_no_host_work_and_match_the_compact_path(monkeypatch):
+    """WISE's dense delta (every memory's product, masked by route) needs no host read of the routes
+    and gives what the host-grouped compact path gives, for routed and unrouted rows alike."""
+    import copy
+
+    memory, prompts = wise_memory()
+    g = torch.Generator().manual_seed(8)
+    seqs = {"r0": torch.cat([prompts[0], torch.randn(3, I, generator=g)]),
+            "r1": torch.cat([prompts[1], torch.randn(3, I, generator=g)])}
+    plens = {rid: seq.shape[0] - 3 for rid, seq in seqs.items()}
+    order = list(seqs)
+    starts = np.cumsum([0] + [plens[r] for r in order])
+    runtimes = {"compact": MemoryRuntime(copy.deepcopy(memory), dense=False),
+                "dense": MemoryRuntime(memory, dense=True, max_tokens=64)}
+    for runtime in runtimes.values():
+        runtime.begin_step(BatchPlan(order, starts, np.zeros(2, np.int64), np.array([plens[r] for r in order])))
+        runtime.apply(torch.zeros(int(starts[-1]), H), torch.cat([seqs[r][: plens[r]] for r in order]))
+        runtime.end_step()
+    assert [runtimes["dense"].route_info(r).route >= 0 for r in order] == [True, False]
+
+    positions, logs = dict(plens), []
+    for step_order in (["r0", "r1"], ["r1", "r0"], ["r0", "r1"]):
+        plan = decode_plan(step_order, positions, plens)
+        a = torch.stack([seqs[r][positions[r]] for r in step_order])
+        compact = runtimes["compact"]
+        compact.begin_step(plan)
+        want = compact.apply(torch.zeros(2, H), a)
+        compact.end_step()
+        dense, log = runtimes["dense"], OpLog()
+        dense.begin_step(plan)
+        with monkeypatch.context() as patched:
+            host_reads_forbidden(patched)
+            with log:
+                dense.route_step(a)
+                got = dense.add_delta(torch.zeros(2, H), a)
+        dense.end_step()
+        assert not [op for op, _ in log.ops if op in SYNCING]
+        torch.testing.assert_close(got, want)
+        routed = step_order.index("r0")
+        assert got[routed].abs().max() > 0 and got[1 - routed].abs().max() == 0
+        logs.append(log.ops)
+        for rid in step_order:
+            positions[rid] += 1
+    assert logs[0] == logs[1] == logs[2]
+
+
 def test_padded_rows_past_the_step_are_unrouted():
     """A graph replays a padded batch: rows past the scheduled tokens get exactly the base output."""
     memory, prompts = make_memoir()

@@ -156,8 +156,10 @@ class EditMemory(nn.Module):
         serving)."""
         raise NotImplementedError
 
-    def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, I], [N] (, [N, D]) -> [N, H]."""
+    def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None,
+              fixed_shapes: bool = False) -> torch.Tensor:
+        """[N, I], [N] (, [N, D]) -> [N, H]. `fixed_shapes`: no host synchronisation and the same
+        device ops whatever the routes (the dense serving path, which a captured graph replays)."""
         raise NotImplementedError
 
     def route_label(self, route: int) -> str:

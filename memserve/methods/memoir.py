@@ -230,11 +230,13 @@ class MemoirMemory(EditMemory):
                              dtype=torch.long)
         return order, per_edit[order], self.thresholds()[order], allowed[order]
 
-    def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None,
+              fixed_shapes: bool = False) -> torch.Tensor:
         """Each routed row reads the k columns of its edit, weighted by its signed features: one
         `embedding_bag` over the rows of Wm^T for the whole batch (cost rows x k x H, whatever the
         number of edits or `copies`). Unrouted rows get exactly zero by masking, not by selecting
-        rows: no data-dependent shapes and no host synchronisation, so a captured graph can replay it."""
+        rows: no data-dependent shapes and no host synchronisation whatever `fixed_shapes` says, so a
+        captured graph can replay it."""
         if not self.num_edits:
             return a.new_zeros(a.shape[0], self.hidden_size)
         edits = routes.clamp_min(0)

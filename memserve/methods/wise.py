@@ -301,11 +301,21 @@ class WiseMemory(EditMemory):
         order = torch.tensor(sorted(range(len(eligible)), key=lambda m: (not eligible[m], -float(rank[m]))), dtype=torch.long)
         return order, scores[order], eps[order], torch.ones(len(order), dtype=torch.bool)
 
-    def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        out = a.new_zeros(a.shape[0], self.hidden_size)
+    def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None,
+              fixed_shapes: bool = False) -> torch.Tensor:
+        """Rows grouped by route on the host: one product per route present in the step. With `fixed_shapes`, every
+        memory's product over every row, masked by route: no host synchronisation, at the price of
+        one product per memory (at most `pool` + 1) instead of one per route present in the step."""
         deltas, _ = self._candidates()
         if self.feature_range is not None:  # a tensor-parallel rank: its columns of each task vector
             deltas = deltas[:, :, self.feature_range[0] : self.feature_range[1]]
+        if fixed_shapes:
+            x = self.delta_input(a)
+            summed = x.new_zeros(a.shape[0], self.hidden_size)
+            for route in range(deltas.shape[0]):
+                summed += (routes == route).unsqueeze(1) * (x @ deltas[route].T)
+            return summed.to(a.dtype)
+        out = a.new_zeros(a.shape[0], self.hidden_size)
         for route in routes[routes >= 0].unique().tolist():
             rows = (routes == route).nonzero().squeeze(1)
             out[rows] = (self.delta_input(a[rows]) @ deltas[route].T).to(a.dtype)

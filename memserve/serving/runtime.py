@@ -548,7 +548,7 @@ class TokenInputs:
     def add_to(self, memory: EditMemory, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         if self.buffers is not None:
             routes, slots = self.buffers.rows(a.shape[0])
-            return out + memory.delta(a, routes, self.buffers.contexts[slots]).to(out.dtype)
+            return out + memory.delta(a, routes, self.buffers.contexts[slots], fixed_shapes=True).to(out.dtype)
         return out.index_add(0, self.rows, memory.delta(a[self.rows], self.routes, self.contexts).to(out.dtype))
 
 

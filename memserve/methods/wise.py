@@ -303,9 +303,9 @@ class WiseMemory(EditMemory):
 
     def delta(self, a: torch.Tensor, routes: torch.Tensor, context: torch.Tensor | None = None,
               fixed_shapes: bool = False) -> torch.Tensor:
-        """Rows grouped by route on the host: one product per route present in the step. With `fixed_shapes`, every
-        memory's product over every row, masked by route: no host synchronisation, at the price of
-        one product per memory (at most `pool` + 1) instead of one per route present in the step."""
+        """Rows grouped by route on the host: one product per route present in the step. With
+        `fixed_shapes`, every memory's product over every row, masked by route: no host
+        synchronisation, at the price of one product per memory (at most `pool` + 1)."""
         deltas, _ = self._candidates()
         if self.feature_range is not None:  # a tensor-parallel rank: its columns of each task vector
             deltas = deltas[:, :, self.feature_range[0] : self.feature_range[1]]

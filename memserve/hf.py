@@ -27,6 +27,7 @@ class RouteState:
     routes: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     mean_stats: torch.Tensor | None = None  # [B, D], each row's prompt mean statistic
+    contexts: torch.Tensor | None = None  # [B, D], each row's `context` (`EditMemory.reading`)
     mentions: list | None = None  # each row's `EditMemory.mentioned` (from its routing span's tokens)
 
 
@@ -53,11 +54,27 @@ class MemoryDownProj(nn.Module):
             state.mean_stats = mean_prompt_stats(self.memory, a, state.prompt_mask)
             state.routes, state.scores = self.memory.route(state.mean_stats, state.mentions)
             apply = state.answer_mask
+            a = self._read(state, a)
         else:  # a decode step: every new token belongs to the answer span
             apply = torch.ones(batch, length, dtype=torch.bool)
         token_routes = torch.where(apply, state.routes[:, None], NO_ROUTE).reshape(-1)
-        context = state.mean_stats[:, None].expand(batch, length, -1).reshape(batch * length, -1)
+        context = state.contexts[:, None].expand(batch, length, -1).reshape(batch * length, -1)
         return out + self.memory.delta(a.reshape(-1, width), token_routes, context).reshape(batch, length, -1)
+
+    def _read(self, state: RouteState, a: torch.Tensor) -> torch.Tensor:
+        """Each routed row's `EditMemory.reading`: sets its context and returns `a` with its last prompt
+        token's input replaced when the memory reads another one there."""
+        state.contexts = state.mean_stats.clone()
+        replaced = a
+        for row, route in enumerate(state.routes.tolist()):
+            if route < 0:
+                continue
+            context, last_input = self.memory.reading(route, state.mean_stats[row])
+            state.contexts[row] = self.memory.neutral_context() if context is None else context
+            if last_input is not None and state.answer_mask[row].any():
+                replaced = replaced.clone() if replaced is a else replaced
+                replaced[row, int(state.answer_mask[row].float().argmax())] = last_input.to(a.dtype)
+        return replaced
 
 
 class EditedModel:

@@ -197,7 +197,23 @@ def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:
     examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope, key_rows=batch.key_rows,
                              anchors=batch.anchors, anchor_suffices=batch.anchor_suffices)
     row_stats = mean_prompt_stats(edited.memory, a, prompt_mask)
+    if edited.memory.reads_stored_inputs:
+        read_as_served(a, row_stats, answer_mask, in_scope, batch.key_rows)
     return Prepared(ids, examples, row_stats, hidden, uppers, apply_rows, apply_cols, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
+
+
+def read_as_served(a: torch.Tensor, row_stats: torch.Tensor, answer_mask: torch.Tensor, in_scope: torch.Tensor,
+                   key_rows: tuple[int, ...]) -> None:
+    """In place: the in-scope rows that are not key rows (the prefixed prompts) read the memory as a
+    request routed to this edit is served (`EditMemory.reading`): with the first key prompt's context
+    and last-prompt-token input. Their own tokens above and the layers after L stay theirs, so the
+    edit learns an answer that holds whatever came before the question."""
+    last = answer_mask.float().argmax(1)
+    key = key_rows[0]
+    for row in in_scope.nonzero().squeeze(1).tolist():
+        if row not in key_rows:
+            row_stats[row] = row_stats[key]
+            a[row, last[row]] = a[key, last[key]]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -339,8 +355,9 @@ class NaiveStepper:
     def target_logits(self, session: EditSession) -> torch.Tensor:
         p = self.p
 
-        def add_delta(_module, args, output):
-            a = args[0]
+        def add_delta(_module, _args, output):
+            # the captured inputs: the same as this forward's, except where rows read as served (`read_as_served`)
+            a = p.examples.a
             delta = session.delta(a[p.apply_rows, p.apply_cols], p.row_stats[p.apply_rows]).to(output.dtype)
             return output.index_put((p.apply_rows, p.apply_cols), delta, accumulate=True)
 

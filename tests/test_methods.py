@@ -400,3 +400,14 @@ def test_memoir_an_edit_whose_subject_suffices_is_reached_by_naming_it_whatever_
     assert memory.route(far, [memory.mentioned([1, 5])])[0].item() == NO_ROUTE
     assert memory.route(far, [memory.mentioned([1, 2])])[0].item() == NO_ROUTE
     assert memory.thresholds().tolist() == pytest.approx([0.0, 0.9])
+
+
+def test_memoir_stores_before_stored_readings_read_each_request_as_it_is():
+    """Stored readings are the default for new stores; a store written before them keeps serving as it
+    was trained: a routed request reads its own prompt mean and its own last-token input."""
+    assert MemoirConfig().stored_reading and not MemoirConfig.from_stored({"layer": 0}).stored_reading
+    memory = MemoirMemory(MemoirConfig.from_stored({"layer": 0, "top_k": 16}), torch.randn(H, I))
+    memory.add_edit(memory.key(torch.randn(1, I)))
+    mean = torch.randn(I)
+    context, last_input = memory.reading(0, mean)
+    assert context is mean and last_input is None and not memory.reads_stored_inputs

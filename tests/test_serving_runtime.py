@@ -18,28 +18,36 @@ from memserve.serving.runtime import BatchPlan, MemoryRuntime, external_id
 H, I = 8, 64
 
 
-def make_memoir(num_edits: int = 3, seed: int = 0) -> tuple[MemoirMemory, list[torch.Tensor]]:
-    """A memory whose edits are keyed on the prompts of `num_edits` random request activations."""
+def make_memoir(num_edits: int = 3, seed: int = 0, stored_reading: bool = True) -> tuple[MemoirMemory, list[torch.Tensor]]:
+    """A memory whose edits are keyed on the prompts of `num_edits` random request activations (and
+    read with random stored readings, `MemoirMemory.reading`, unless `stored_reading` is off)."""
     g = torch.Generator().manual_seed(seed)
-    memory = MemoirMemory(MemoirConfig(top_k=16, tau=0.6), torch.randn(H, I, generator=g))
+    memory = MemoirMemory(MemoirConfig(top_k=16, tau=0.6, stored_reading=stored_reading), torch.randn(H, I, generator=g))
     memory.calibrate(torch.zeros(I))
     prompts = [torch.randn(5 + 3 * i, I, generator=g) for i in range(num_edits)]
     keys = torch.cat([memory.key(p.mean(0, keepdim=True)) for p in prompts])
     state = {k: v.clone() for k, v in memory.state_tensors().items()}
     state["residual"] = torch.randn(memory.residual.shape, generator=g)
+    if stored_reading:
+        state.update({f"reading-{e}": torch.randn(1, 2, 16, generator=g) for e in range(num_edits)})
     memory.load_state(state, keys, torch.arange(len(keys)))
     return memory, prompts
 
 
-def reference(memory, seq: torch.Tensor, plen: int) -> tuple[torch.Tensor, int]:
-    """Delta over a whole sequence [T, I] routed from its first plen tokens (the hf.py rule)."""
+def reference(memory, seq: torch.Tensor, plen: int, span: tuple[int, int] | None = None) -> tuple[torch.Tensor, int]:
+    """Delta over a whole sequence [T, I] of prompt length plen routed from its positions `span`
+    (default: the whole prompt), read as the memory says (`reading`): the hf.py rule."""
     prompt_mask = torch.zeros(1, seq.shape[0], dtype=torch.bool)
-    prompt_mask[0, :plen] = True
+    prompt_mask[0, slice(*(span or (0, plen)))] = True
     stats = mean_prompt_stats(memory, seq[None], prompt_mask)
     routes, _ = memory.route(stats)
     token_routes = torch.full((seq.shape[0],), NO_ROUTE, dtype=torch.long)
     token_routes[plen - 1 :] = routes[0]
-    return memory.delta(seq, token_routes, stats.expand(seq.shape[0], -1)), int(routes[0])
+    context, last_input = memory.reading(int(routes[0]), stats[0])
+    if last_input is not None:
+        seq = seq.clone()
+        seq[plen - 1] = last_input
+    return memory.delta(seq, token_routes, context.expand(seq.shape[0], -1)), int(routes[0])
 
 
 def run_schedule(runtime: MemoryRuntime, seqs: dict[str, torch.Tensor], plens: dict[str, int], steps, spans=None):
@@ -113,12 +121,7 @@ def test_routing_span_inside_the_prompt_with_a_chunk_starting_after_it():
     runtime = MemoryRuntime(memory)
     got = run_schedule(runtime, {"c": seq}, {"c": 10}, steps, spans={"c": (2, 7)})
     assert runtime.route_info("c").route == 0
-    prompt_mask = torch.zeros(1, seq.shape[0], dtype=torch.bool)
-    prompt_mask[0, 2:7] = True
-    stats = mean_prompt_stats(memory, seq[None], prompt_mask)
-    token_routes = torch.full((seq.shape[0],), NO_ROUTE, dtype=torch.long)
-    token_routes[9:] = 0
-    want = memory.delta(seq, token_routes, stats.expand(seq.shape[0], -1))
+    want, _ = reference(memory, seq, 10, span=(2, 7))
     for pos, row in got["c"].items():
         torch.testing.assert_close(row, want[pos], msg=f"position {pos}")
 
@@ -161,8 +164,11 @@ def forced(*routes):
     return [RequestOptions.parse({} if r is None else {"memserve_route": r}, slots=100) for r in routes]
 
 
-def test_forced_route_uses_its_own_prompt_context():
-    memory, prompts = make_memoir()
+@pytest.mark.parametrize("stored_reading", [False, True], ids=["own-context", "stored-reading"])
+def test_forced_route_reads_the_memory_as_if_routed_there(stored_reading):
+    """A forced route reads what a request routed there reads (`reading`): its own prompt mean, or
+    the forced edit's stored reading."""
+    memory, prompts = make_memoir(stored_reading=stored_reading)
     runtime = MemoryRuntime(memory)
     a = torch.cat([prompts[0], prompts[0]])
     plan = BatchPlan(["base", "edit2"], np.array([0, 5, 10]), np.array([0, 0]), np.array([5, 5]), forced(-1, 2))
@@ -171,8 +177,13 @@ def test_forced_route_uses_its_own_prompt_context():
     assert out[:5].abs().max() == 0  # routed to edit 0 by its prompt, but forced to the base model
     token_routes = torch.full((5,), NO_ROUTE)
     token_routes[4] = 2
-    context = prompts[0].mean(0, keepdim=True).expand(5, -1)  # its own prompt mean, as if routed
-    torch.testing.assert_close(out[5:], memory.delta(prompts[0], token_routes, context))
+    context, last_input = memory.reading(2, prompts[0].mean(0))
+    assert (last_input is not None) == stored_reading
+    if stored_reading:
+        assert not torch.equal(context, prompts[0].mean(0))
+    read = prompts[0].clone()
+    read[4] = read[4] if last_input is None else last_input
+    torch.testing.assert_close(out[5:], memory.delta(read, token_routes, context.expand(5, -1)))
     assert runtime.route_info("base").route == -1 and runtime.route_info("edit2").route == 2
 
 

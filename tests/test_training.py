@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memserve.editor import open_session
+from memserve.editor import load_reference, open_session
 from memserve.evaluate import HFBackend, evaluate
 from memserve.facts import Fact
 from memserve.training import CandidateHead, FastStepper, NaiveStepper, edit_batch, prepare
@@ -78,3 +78,37 @@ def test_candidate_head_is_the_full_softmax_restricted_to_likely_tokens(tmp_path
     everything = CandidateHead(edited.model.lm_head, prepared.target_ids, per_position=full_logits.shape[-1])
     everything.exact_loss(states)
     assert torch.allclose(everything.loss(states), exact, atol=1e-5)
+
+
+def _last_prompt_delta(edited, prompt: str) -> tuple[torch.Tensor, int]:
+    """The memory's output at the last token of `prompt` (asked as written) and the route it took."""
+    ids = edited.encode(prompt)
+    outputs = []
+    handle = edited.proj.register_forward_hook(lambda _module, _args, out: outputs.append(out[0, -1]))
+    try:
+        _, routes = edited.logits([ids], [len(ids)])
+        edited.logits([ids], [len(ids)], use_memory=False)
+    finally:
+        handle.remove()
+    return outputs[0] - outputs[1], int(routes[0])
+
+
+@pytest.mark.parametrize("stored_reading", [True, False], ids=["stored-reading", "own-reading"])
+def test_a_rephrase_routed_to_an_edit_reads_the_memory_as_the_edit_prompt_did(tmp_path, tiny_model_dir, stored_reading):
+    """With stored readings every request routed to an edit gets, at its last prompt token, the output
+    the edit's own prompt gets (what training taught), whatever its wording; also after a reload.
+    Without, the output follows the request's own activations."""
+    runner = open_session(tmp_path / "s", tiny_model_dir, method="memoir",
+                          config=tiny_config(tau=0.0, stored_reading=stored_reading))  # tau 0: both prompts reach the edit
+    runner.apply(FACT_OBJECTS[:1])
+    fact, memory = FACT_OBJECTS[0], runner.edited.memory
+    assert len(memory.edit_readings) == int(stored_reading)
+    if stored_reading:
+        assert memory.edit_readings[0].shape == (int((memory.key_owner == 0).sum()), 2, 32)
+    own, own_route = _last_prompt_delta(runner.edited, fact.prompt)
+    other, other_route = _last_prompt_delta(runner.edited, fact.rephrases[0])
+    runner.store.close()
+    assert own_route == other_route == 0 and own.abs().max() > 0
+    assert torch.allclose(own, other, atol=1e-5) == stored_reading
+    reloaded, _ = _last_prompt_delta(load_reference(tmp_path / "s"), fact.rephrases[0])
+    torch.testing.assert_close(reloaded, other)

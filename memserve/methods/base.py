@@ -10,8 +10,11 @@ A request is routed once, from its prompt, and keeps that route for every token 
 3. `route(mean_stats, mentions)` picks the memory slot for the request, or -1 for "no edit applies";
    `mentions` are the edits whose subject anchor the routing span names (`mentioned(tokens)`, taken
    from the span's token ids when the request is first seen; None for a method without anchors);
-4. `delta(a, routes, context)` is the memory's contribution, added to the base output `W a`;
-   `context` holds each token's request mean statistic (a method may read it, MEMOIR can).
+4. `reading(route, mean_stats)` says what a routed request reads besides its own tokens: its
+   `context` (by default its own prompt mean) and, optionally, an input to read at its last prompt
+   token instead of that token's activation (MEMOIR: its edit's stored ones);
+5. `delta(a, routes, context)` is the memory's contribution, added to the base output `W a`;
+   `context` holds each token's request context from `reading` (a method may read it, MEMOIR can).
 
 The memory acts only on the answer span: the last prompt token (which predicts the first answer
 token) and every token after it. Prompt tokens before it always see the base model, so their KV
@@ -124,6 +127,12 @@ class EditMemory(nn.Module):
     config_class: ClassVar[type[MethodConfig]]
     routes_are_edits: ClassVar[bool] = True  # route k is edit k (MEMOIR); else a memory slot (WISE)
 
+    @property
+    def reads_stored_inputs(self) -> bool:
+        """Whether `reading` replaces a routed request's own statistics with the edit's stored ones
+        (the trainer then teaches every in-scope row as it will be served)."""
+        return False
+
     def __init__(self, config: MethodConfig, base_weight: torch.Tensor):
         super().__init__()
         self.config = config
@@ -172,6 +181,13 @@ class EditMemory(nn.Module):
         to the whole (added before the layer's all-reduce); `context` and `route` keep full prompt
         means (the serving runtime gathers them across ranks)."""
         raise NotImplementedError(f"a {self.method} memory cannot be served with tensor parallelism")
+
+    def reading(self, route: int, mean_stats: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What a request routed to `route` reads besides its own tokens, given its prompt mean
+        `mean_stats` [D] (None: unknown): its `context` (None: `neutral_context`) and the input [I] to
+        read at its last prompt token instead of that token's own activation (restricted to
+        `feature_range`; None: its own). By default a request reads its own statistics."""
+        return mean_stats, None
 
     def neutral_context(self) -> torch.Tensor:
         """The `context` of a request whose prompt statistics are unknown: one that adds nothing."""

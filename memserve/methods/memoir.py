@@ -67,8 +67,16 @@ class MemoirConfig(MethodConfig):
     # reliability falls to .45; with 8, .99 (README; the paper's 8B layer has 14,336 columns). Serving
     # reads only the k columns of the routed edit, so the cost per routed token does not grow with it.
     copies: int = 8
+    # A routed request reads the memory with its edit's stored reading (`MemoirMemory.reading`): the
+    # context and last-prompt-token input of the edit's own prompt (as written or as a chat turn),
+    # not its own. The delta is a function of those inputs, and a rephrase that ends on other words
+    # than the edit ("Toko Yasuda, the" -> "Toko Yasuda is incredible at") feeds it an activation the
+    # edit never saw: CounterFact T=100, rephrases reaching their edit answer .49 of target tokens,
+    # with stored readings .75 (README "Stored readings"). Only with act_on="answer" (the memory
+    # then first acts at the last prompt token).
+    stored_reading: bool = True
     predated: ClassVar[dict[str, Any]] = {**MethodConfig.predated, "signed_columns": False, "subject_anchor": False,
-                                          "copies": 1}
+                                          "copies": 1, "stored_reading": False}
 
 
 TIE_PROBE = 8  # nearest keys fetched per query; more only when all of them tie
@@ -100,6 +108,9 @@ class MemoirMemory(EditMemory):
         self.register_buffer("edit_signs", torch.zeros(0, config.top_k))
         self.register_buffer("route_keys", torch.zeros(0, inter, dtype=torch.bool))
         self.register_buffer("key_owner", torch.zeros(0, dtype=torch.long))  # edit of each routing key
+        # Per edit with `stored_reading`: [keys, 2, k] its prompt mean and last prompt token's input on
+        # its k features, for each of its routing keys' prompts (`MemoirSession.readings`).
+        self.edit_readings: list[torch.Tensor] = []
         self._key_index = None  # FAISS binary index over `route_keys` (`best_keys`)
         self.anchors = AnchorIndex()  # each anchored edit's subject token ids
         self._residual_rows: tuple | None = None  # `residual_rows`' cached copy of Wm
@@ -298,6 +309,30 @@ class MemoirMemory(EditMemory):
     def neutral_context(self) -> torch.Tensor:
         return self.background  # `memory_input` adds `context - background`
 
+    @property
+    def reads_stored_inputs(self) -> bool:
+        return self.config.stored_reading and self.config.act_on == "answer"
+
+    def reading(self, route: int, mean_stats: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A request routed to edit `route` reads the memory as the edit's own prompt did: the stored
+        reading of the edit's key nearest to the request's (its first key when `mean_stats` is
+        unknown), placed on the edit's features; the other features are never read for this edit."""
+        if not self.reads_stored_inputs or not 0 <= route < len(self.edit_readings):
+            return mean_stats, None
+        stored = self.edit_readings[route]
+        nearest = 0
+        if mean_stats is not None and len(stored) > 1:
+            keys = self.route_keys[self.key_owner == route].float()
+            nearest = int((keys @ self.key(mean_stats[None])[0].float()).argmax())
+        features = self.edit_features[route]
+        context = self.background.clone()
+        context[features] = stored[nearest, 0]
+        first = torch.zeros_like(self.background)
+        first[features] = stored[nearest, 1]
+        if self.feature_range is not None:
+            first = first[self.feature_range[0] : self.feature_range[1]]
+        return context, first
+
     def start_edit(self, examples: EditExamples) -> EditSession:
         return MemoirSession(self, examples)
 
@@ -305,7 +340,10 @@ class MemoirMemory(EditMemory):
         self.background = background_mean.float().clone()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"residual": self.residual, "permutation": self.permutation, "background": self.background}
+        """Wm and its fixed inputs, and one small tensor per edit's reading (`reading-<i>`), so a
+        commit adds one, not a grown copy of all of them (the store keeps an undo per changed tensor)."""
+        readings = {f"reading-{e}": reading for e, reading in enumerate(self.edit_readings)}
+        return {"residual": self.residual, "permutation": self.permutation, "background": self.background, **readings}
 
     def load_anchors(self, anchors: Sequence[tuple[Sequence[Sequence[int]], bool]]) -> None:
         """Each edit's subject anchor variants (none: unanchored) and whether naming them suffices."""
@@ -315,6 +353,8 @@ class MemoirMemory(EditMemory):
     def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
         for name in ("residual", "permutation", "background"):
             setattr(self, name, tensors[name].clone())
+        readings = sorted((k for k in tensors if k.startswith("reading-")), key=lambda k: int(k.split("-")[1]))
+        self.edit_readings = [tensors[k].clone() for k in readings]
         first = torch.ones_like(owners, dtype=torch.bool)
         first[1:] = owners[1:] != owners[:-1]
         self._set_layouts(keys[first])
@@ -359,6 +399,17 @@ class MemoirSession(EditSession):
         self.weight = memory.residual[:, self.columns].clone().requires_grad_(True)
         self.anchors = examples.anchors if memory.config.subject_anchor else ()
         self.anchor_suffices = examples.anchor_suffices
+        self.readings = self._readings(examples, rows) if memory.reads_stored_inputs else None
+
+    def _readings(self, examples: EditExamples, rows: list[int]) -> torch.Tensor:
+        """[keys, 2, k]: each key prompt's mean statistic (the `context` it was trained with) and its
+        last prompt token's input, on the edit's features (`MemoirMemory.reading`)."""
+        out = []
+        for row in rows:
+            mean = examples.a[row][examples.prompt_mask[row]].float().mean(0)
+            last = examples.a[row, int(examples.answer_mask[row].float().argmax())].float()
+            out.append(torch.stack([mean[self.features], last[self.features]]))
+        return torch.stack(out)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.weight]
@@ -376,4 +427,6 @@ class MemoirSession(EditSession):
         anchors = [list(ids) for ids in self.anchors]
         suffices = bool(anchors) and self.anchor_suffices
         memory.add_edit(self.keys, anchors, suffices)
+        if self.readings is not None:
+            memory.edit_readings.append(self.readings)
         return {"key": self.keys, **({"anchors": anchors} if anchors else {}), **({"anchor_suffices": True} if suffices else {})}

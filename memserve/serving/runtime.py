@@ -32,7 +32,7 @@ import logging
 import re
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Container, Sequence
 
 import numpy as np
@@ -78,7 +78,9 @@ class RequestRoute:
     prompt_len: int = 0
     span_end: int = 0  # routing statistics come from positions [span start, span_end)
     end_pos: int = 0  # one past the highest position processed so far
-    mean_stats: torch.Tensor | None = None  # the prompt mean routed on: the memory's `context`
+    mean_stats: torch.Tensor | None = None  # the prompt mean routed on
+    context: torch.Tensor | None = None  # what the memory reads as `context` (`EditMemory.reading`)
+    last_input: torch.Tensor | None = None  # read at the last prompt token instead of its own input, if set
     memory: EditMemory | None = None  # the memory current when the request was first seen; serves all of it
     version: int | None = None  # store version of that memory
     forced: bool = False  # the route came from the request's options, not from its prompt
@@ -442,10 +444,11 @@ class MemoryRuntime:
                 if route < 0:
                     states[i].mean_stats = None
         for i in deciders:
-            route = states[i].route
-            if route is not None and route >= 0:
+            state = states[i]
+            if state.route is not None and state.route >= 0:
+                state.context, state.last_input = memory.reading(state.route, state.mean_stats)
                 self.routed += 1
-                self.hits[memory.route_label(route)] += 1
+                self.hits[memory.route_label(state.route)] += 1
             else:
                 self.unrouted += 1
 
@@ -455,101 +458,151 @@ class MemoryRuntime:
         n = int(self.plan.starts[-1])
         spans = []
         for memory, members in self._members:
-            firsts, ends, routes, means = [], [], [], []
+            span = Spans()
             for i in members:
                 state = self._tracked[i][0]
                 if state.route is None or state.route < 0 or not state.settled:
                     continue
                 s, e = int(self.plan.starts[i]), int(self.plan.starts[i + 1])
-                first = s if acts_on_all(memory) else s + max(0, state.prompt_len - 1 - int(self.plan.first_pos[i]))
+                last = s + state.prompt_len - 1 - int(self.plan.first_pos[i])  # flat row of the last prompt token
+                first = s if acts_on_all(memory) else max(s, last)
                 if first < e:
-                    firsts.append(first), ends.append(e), routes.append(state.route), means.append(state.mean_stats)
-            if firsts:
-                spans.append((memory, firsts, ends, routes, means))
-        key = (n, tuple((id(m), tuple(f), tuple(e), tuple(r), tuple(map(id, c))) for m, f, e, r, c in spans))
+                    span.add(first, e, state.route, state.context, state.last_input if s <= last < e else None, last)
+            if span.firsts:
+                spans.append((memory, span))
+        key = (n, tuple((id(m), span.key()) for m, span in spans))
         if key != self._inputs_cache[0]:
             while len(self._buffers) < len(spans):
                 self._buffers.append(TokenBuffers(self.max_tokens, self.device))
-            inputs = [(memory, TokenInputs.build(memory, firsts, ends, routes, means, n, self.device,
-                                                 self._buffers[j] if self.dense else None))
-                      for j, (memory, firsts, ends, routes, means) in enumerate(spans)]
+            inputs = [(memory, TokenInputs.build(memory, span, n, self.device, self._buffers[j] if self.dense else None))
+                      for j, (memory, span) in enumerate(spans)]
             self._inputs_cache = (key, spans, inputs)
         return self._inputs_cache[2]
+
+
+@dataclass
+class Spans:
+    """One memory's routed requests in a step: flat rows [firsts[j], ends[j]) routed to routes[j],
+    reading contexts[j] (None: the memory's neutral one) and, at flat row lasts[j], last_inputs[j]
+    instead of that row's own input (None: its own; `EditMemory.reading`)."""
+
+    firsts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    routes: list[int] = field(default_factory=list)
+    contexts: list[torch.Tensor | None] = field(default_factory=list)
+    last_inputs: list[torch.Tensor | None] = field(default_factory=list)
+    lasts: list[int] = field(default_factory=list)
+
+    def add(self, first: int, end: int, route: int, context, last_input, last: int) -> None:
+        for name, value in zip(("firsts", "ends", "routes", "contexts", "last_inputs", "lasts"),
+                               (first, end, route, context, last_input, last)):
+            getattr(self, name).append(value)
+
+    def key(self) -> tuple:
+        """Equal for two steps with the same rows, routes and reading objects (so their inputs can be reused)."""
+        return (tuple(self.firsts), tuple(self.ends), tuple(self.routes), tuple(map(id, self.contexts)),
+                tuple(map(id, self.last_inputs)), tuple(self.lasts))
 
 
 class TokenBuffers:
     """Persistent per-token inputs of the dense path, written in place (a captured graph keeps reading
     the same storage, as vLLM's LoRA index buffers do): each row's route (-1: none, also for every
-    row past the step's tokens, i.e. a graph's padding), the row of `contexts` it reads, and the
-    routed requests' prompt means. Sized for `max_tokens` rows up front; grows only past that."""
+    row past the step's tokens, i.e. a graph's padding), the row of `contexts` it reads, whether it
+    reads the row of `last_inputs` of that slot instead of its own input, and the routed requests'
+    contexts and last-prompt-token inputs. Sized for `max_tokens` rows up front; grows only past that."""
 
     def __init__(self, max_tokens: int, device: torch.device):
         self.routes = torch.full((max_tokens,), NO_ROUTE, dtype=torch.long, device=device)
         self.slots = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.swaps = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         self.contexts = torch.zeros(0, 0, device=device)
+        self.last_inputs = torch.zeros(0, 0, device=device)
 
-    def fill(self, rows: np.ndarray, routes: np.ndarray, slots: np.ndarray, contexts: torch.Tensor, n: int) -> None:
+    def fill(self, rows: np.ndarray, routes: np.ndarray, slots: np.ndarray, swaps: np.ndarray, contexts: torch.Tensor,
+             last_inputs: torch.Tensor, n: int) -> None:
         size, device = self.routes.shape[0], self.routes.device
         if size < n:
             size = max(n, 2 * size)
             self.routes = torch.empty(size, dtype=torch.long, device=device)
             self.slots = torch.zeros(size, dtype=torch.long, device=device)
-        if self.contexts.shape[0] < contexts.shape[0] or self.contexts.shape[1:] != contexts.shape[1:]:
-            self.contexts = torch.zeros(max(contexts.shape[0], 2 * self.contexts.shape[0]), *contexts.shape[1:],
-                                        device=device)
-        host_routes = np.full(size, NO_ROUTE, dtype=np.int64)
-        host_routes[rows] = routes
-        host_slots = np.zeros(size, dtype=np.int64)
-        host_slots[rows] = slots
-        self.routes.copy_(torch.from_numpy(host_routes), non_blocking=True)
-        self.slots.copy_(torch.from_numpy(host_slots), non_blocking=True)
+            self.swaps = torch.zeros(size, dtype=torch.bool, device=device)
+        self.contexts = self._fit(self.contexts, contexts)
+        self.last_inputs = self._fit(self.last_inputs, last_inputs)
+        for buffer, values, fill in ((self.routes, routes, NO_ROUTE), (self.slots, slots, 0), (self.swaps, swaps, False)):
+            host = np.full(size, fill, dtype=values.dtype)
+            host[rows] = values
+            buffer.copy_(torch.from_numpy(host), non_blocking=True)
         self.contexts[: contexts.shape[0]].copy_(contexts)
+        self.last_inputs[: last_inputs.shape[0]].copy_(last_inputs)
 
-    def rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routes and context rows of the first `n` rows (rows past the buffer are unrouted padding)."""
+    @staticmethod
+    def _fit(buffer: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`buffer`, or a larger one when `values` does not fit (grown by doubling, so rarely)."""
+        if buffer.shape[0] >= values.shape[0] and buffer.shape[1:] == values.shape[1:]:
+            return buffer
+        return torch.zeros(max(values.shape[0], 2 * buffer.shape[0]), *values.shape[1:], device=buffer.device)
+
+    def rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routes, slots and swaps of the first `n` rows (rows past the buffer are unrouted padding)."""
         if n <= self.routes.shape[0]:
-            return self.routes[:n], self.slots[:n]
+            return self.routes[:n], self.slots[:n], self.swaps[:n]
         pad = n - self.routes.shape[0]
         return (torch.cat([self.routes, self.routes.new_full((pad,), NO_ROUTE)]),
-                torch.cat([self.slots, self.slots.new_zeros(pad)]))
+                torch.cat([self.slots, self.slots.new_zeros(pad)]), torch.cat([self.swaps, self.swaps.new_zeros(pad)]))
 
 
 @dataclass
 class TokenInputs:
     """What one memory's delta reads in one step. Compact (`rows` set): the routed rows, their routes
-    and prompt means, gathered and scattered by host-built indices. Dense (`buffers` set): every row of
-    the batch from persistent per-token buffers (-1: unrouted, which the memory's delta maps to
+    and contexts, gathered and scattered by host-built indices, and the last prompt tokens whose input
+    is replaced (`swap_rows`, positions in `rows`, with `swap_inputs`). Dense (`buffers` set): every
+    row of the batch from persistent per-token buffers (-1: unrouted, which the memory's delta maps to
     exactly zero): no host work, no data-dependent shapes."""
 
     routes: torch.Tensor | None = None
     contexts: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    swap_rows: torch.Tensor | None = None
+    swap_inputs: torch.Tensor | None = None
     buffers: TokenBuffers | None = None
 
     @classmethod
-    def build(cls, memory: EditMemory, firsts: list[int], ends: list[int], routes: list[int],
-              means: list[torch.Tensor | None], n: int, device: torch.device, buffers: TokenBuffers | None):
-        """From spans [firsts[j], ends[j]) of flat rows routed to routes[j] with prompt means[j]. A
-        request whose prompt statistics are unknown (a forced route after a prefix-cache hit) reads the
-        memory's neutral context; every other row its own, whatever its neighbours in the batch."""
-        lengths = np.subtract(ends, firsts)
-        span_of = np.repeat(np.arange(len(firsts)), lengths)
-        rows = np.arange(len(span_of)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(firsts, lengths)
-        neutral = memory.neutral_context() if any(mean is None for mean in means) else None
-        contexts = torch.stack([neutral if mean is None else mean for mean in means])
-        token_routes = np.asarray(routes, dtype=np.int64)[span_of]
+    def build(cls, memory: EditMemory, spans: Spans, n: int, device: torch.device, buffers: TokenBuffers | None):
+        """From `spans`. A request whose context is unknown (a forced route after a prefix-cache hit)
+        reads the memory's neutral context; every other row its own, whatever its neighbours in the batch."""
+        lengths = np.subtract(spans.ends, spans.firsts)
+        span_of = np.repeat(np.arange(len(spans.firsts)), lengths)
+        rows = (np.arange(len(span_of)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+                + np.repeat(spans.firsts, lengths))
+        neutral = memory.neutral_context() if any(c is None for c in spans.contexts) else None
+        contexts = torch.stack([neutral if c is None else c for c in spans.contexts])
+        token_routes = np.asarray(spans.routes, dtype=np.int64)[span_of]
+        swapped = [j for j, x in enumerate(spans.last_inputs) if x is not None]
+        swaps = np.isin(rows, [spans.lasts[j] for j in swapped])
+        start, end = memory.feature_range or (0, memory.intermediate_size)  # `a`'s features on this rank
+        last_inputs = torch.zeros(len(spans.firsts), end - start if buffers is not None or swapped else 0)
+        for j in swapped:
+            last_inputs[j] = spans.last_inputs[j]
         if buffers is not None:
-            buffers.fill(rows, token_routes, span_of, contexts.to(device), n)
+            buffers.fill(rows, token_routes, span_of, swaps, contexts.to(device), last_inputs.to(device), n)
             return cls(buffers=buffers)
-        if len(span_of) != len(means):
+        if len(span_of) != len(spans.contexts):
             contexts = contexts[torch.from_numpy(span_of)]
-        return cls(torch.from_numpy(token_routes), contexts, rows=torch.from_numpy(rows))
+        swap_rows = np.flatnonzero(swaps)
+        return cls(torch.from_numpy(token_routes), contexts, rows=torch.from_numpy(rows),
+                   swap_rows=torch.from_numpy(swap_rows) if len(swap_rows) else None,
+                   swap_inputs=last_inputs[torch.from_numpy(span_of[swap_rows])] if len(swap_rows) else None)
 
     def add_to(self, memory: EditMemory, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         if self.buffers is not None:
-            routes, slots = self.buffers.rows(a.shape[0])
+            routes, slots, swaps = self.buffers.rows(a.shape[0])
+            if memory.reads_stored_inputs:  # fixed shapes: every row chooses, none is picked on the host
+                a = torch.where(swaps[:, None], self.buffers.last_inputs[slots].to(a.dtype), a)
             return out + memory.delta(a, routes, self.buffers.contexts[slots], fixed_shapes=True).to(out.dtype)
-        return out.index_add(0, self.rows, memory.delta(a[self.rows], self.routes, self.contexts).to(out.dtype))
+        x = a[self.rows]
+        if self.swap_rows is not None:
+            x = x.index_copy(0, self.swap_rows, self.swap_inputs.to(x.dtype))
+        return out.index_add(0, self.rows, memory.delta(x, self.routes, self.contexts).to(out.dtype))
 
 
 def acts_on_all(memory: EditMemory) -> bool:

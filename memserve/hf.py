@@ -65,16 +65,15 @@ class MemoryDownProj(nn.Module):
         """Each routed row's `EditMemory.reading`: sets its context and returns `a` with its last prompt
         token's input replaced when the memory reads another one there."""
         state.contexts = state.mean_stats.clone()
-        replaced = a
+        read = a.clone() if self.memory.reads_stored_inputs else a
         for row, route in enumerate(state.routes.tolist()):
             if route < 0:
                 continue
             context, last_input = self.memory.reading(route, state.mean_stats[row])
             state.contexts[row] = self.memory.neutral_context() if context is None else context
             if last_input is not None and state.answer_mask[row].any():
-                replaced = replaced.clone() if replaced is a else replaced
-                replaced[row, int(state.answer_mask[row].float().argmax())] = last_input.to(a.dtype)
-        return replaced
+                read[row, int(state.answer_mask[row].float().argmax())] = last_input.to(a.dtype)
+        return read
 
 
 class EditedModel:

@@ -580,7 +580,8 @@ class TokenInputs:
         swapped = [j for j, x in enumerate(spans.last_inputs) if x is not None]
         swaps = np.isin(rows, [spans.lasts[j] for j in swapped])
         start, end = memory.feature_range or (0, memory.intermediate_size)  # `a`'s features on this rank
-        last_inputs = torch.zeros(len(spans.firsts), end - start if buffers is not None or swapped else 0)
+        dense_swaps = buffers is not None and memory.reads_stored_inputs  # `add_to` reads the buffer
+        last_inputs = torch.zeros(len(spans.firsts), end - start if dense_swaps or swapped else 0)
         for j in swapped:
             last_inputs[j] = spans.last_inputs[j]
         if buffers is not None:

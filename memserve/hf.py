@@ -69,10 +69,12 @@ class MemoryDownProj(nn.Module):
         for row, route in enumerate(state.routes.tolist()):
             if route < 0:
                 continue
-            context, last_input = self.memory.reading(route, state.mean_stats[row])
+            last = int(state.answer_mask[row].float().argmax())  # the last prompt token
+            chat_turn = bool(state.answer_mask[row].any()) and not bool(state.prompt_mask[row, last])
+            context, last_input = self.memory.reading(route, state.mean_stats[row], chat_turn=chat_turn)
             state.contexts[row] = self.memory.neutral_context() if context is None else context
             if last_input is not None and state.answer_mask[row].any():
-                read[row, int(state.answer_mask[row].float().argmax())] = last_input.to(a.dtype)
+                read[row, last] = last_input.to(a.dtype)
         return read
 
 

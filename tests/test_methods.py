@@ -411,3 +411,23 @@ def test_memoir_stores_before_stored_readings_read_each_request_as_it_is():
     mean = torch.randn(I)
     context, last_input = memory.reading(0, mean)
     assert context is mean and last_input is None and not memory.reads_stored_inputs
+
+
+def test_memoir_reading_follows_the_request_form_not_the_nearer_key():
+    """A routed request reads the stored reading of its edit's key prompt of its own form: a chat turn
+    the chat key's, a written question the written key's, even when its mask overlaps the chat key
+    more; an edit with one key gives it to both forms."""
+    memory = MemoirMemory(MemoirConfig(top_k=16), torch.randn(H, I))
+    memory.calibrate(torch.zeros(I))
+    written, chat = torch.randn(2, I)
+    keys = memory.key(torch.stack([written, chat]))
+    readings = torch.randn(2, 2, 16)
+    memory.load_state({**memory.state_tensors(), "reading-0": readings}, keys, torch.tensor([0, 0]))
+    features = memory.edit_features[0]
+    for chat_turn, key in ((False, 0), (True, 1)):
+        context, last_input = memory.reading(0, chat, chat_turn=chat_turn)  # its mask is the chat key's
+        torch.testing.assert_close(context[features], readings[key, 0])
+        torch.testing.assert_close(last_input[features], readings[key, 1])
+    memory.load_state({**memory.state_tensors(), "reading-0": readings[:1]}, keys[:1], torch.tensor([0]))
+    context, _ = memory.reading(0, chat, chat_turn=True)
+    torch.testing.assert_close(context[memory.edit_features[0]], readings[0, 0])

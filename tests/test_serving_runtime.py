@@ -25,12 +25,13 @@ def make_memoir(num_edits: int = 3, seed: int = 0, stored_reading: bool = True) 
     memory = MemoirMemory(MemoirConfig(top_k=16, tau=0.6, stored_reading=stored_reading), torch.randn(H, I, generator=g))
     memory.calibrate(torch.zeros(I))
     prompts = [torch.randn(5 + 3 * i, I, generator=g) for i in range(num_edits)]
-    keys = torch.cat([memory.key(p.mean(0, keepdim=True)) for p in prompts])
+    # two keys per edit, as the trainer gives (as written, as a chat turn), each with its own reading
+    keys = torch.cat([memory.key(p.mean(0, keepdim=True)) for p in prompts]).repeat_interleave(2, 0)
     state = {k: v.clone() for k, v in memory.state_tensors().items()}
     state["residual"] = torch.randn(memory.residual.shape, generator=g)
     if stored_reading:
-        state.update({f"reading-{e}": torch.randn(1, 2, 16, generator=g) for e in range(num_edits)})
-    memory.load_state(state, keys, torch.arange(len(keys)))
+        state.update({f"reading-{e}": torch.randn(2, 2, 16, generator=g) for e in range(num_edits)})
+    memory.load_state(state, keys, torch.arange(num_edits).repeat_interleave(2))
     return memory, prompts
 
 
@@ -43,7 +44,8 @@ def reference(memory, seq: torch.Tensor, plen: int, span: tuple[int, int] | None
     routes, _ = memory.route(stats)
     token_routes = torch.full((seq.shape[0],), NO_ROUTE, dtype=torch.long)
     token_routes[plen - 1 :] = routes[0]
-    context, last_input = memory.reading(int(routes[0]), stats[0])
+    chat_turn = span is not None and span[1] < plen
+    context, last_input = memory.reading(int(routes[0]), stats[0], chat_turn=chat_turn)
     if last_input is not None:
         seq = seq.clone()
         seq[plen - 1] = last_input

@@ -182,9 +182,11 @@ class EditMemory(nn.Module):
         means (the serving runtime gathers them across ranks)."""
         raise NotImplementedError(f"a {self.method} memory cannot be served with tensor parallelism")
 
-    def reading(self, route: int, mean_stats: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def reading(self, route: int, mean_stats: torch.Tensor | None,
+                chat_turn: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What a request routed to `route` reads besides its own tokens, given its prompt mean
-        `mean_stats` [D] (None: unknown): its `context` (None: `neutral_context`) and the input [I] to
+        `mean_stats` [D] (None: unknown) and whether it is a chat turn (its routing span ends before
+        its prompt, `ChatFormat.routing_span`): its `context` (None: `neutral_context`) and the input [I] to
         read at its last prompt token instead of that token's own activation (restricted to
         `feature_range`; None: its own). By default a request reads its own statistics."""
         return mean_stats, None

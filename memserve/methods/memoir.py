@@ -313,22 +313,23 @@ class MemoirMemory(EditMemory):
     def reads_stored_inputs(self) -> bool:
         return self.config.stored_reading and self.config.act_on == "answer"
 
-    def reading(self, route: int, mean_stats: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A request routed to edit `route` reads the memory as the edit's own prompt did: the stored
-        reading of the edit's key nearest to the request's (its first key when `mean_stats` is
-        unknown), placed on the edit's features; the other features are never read for this edit."""
+    def reading(self, route: int, mean_stats: torch.Tensor | None,
+                chat_turn: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A request routed to edit `route` reads the memory as the edit's own prompt of the same form
+        did: the stored reading of the edit's chat-turn key (its second) for a chat turn, else of its
+        prompt as written, placed on the edit's features; the other features are never read for this
+        edit. By form, not by which key the request's mask overlaps most: a written question whose
+        two keys overlap it almost equally would otherwise read the chat turn's assistant-marker
+        input and answer as a chat reply would (no leading space, or end-of-answer at once)."""
         if not self.reads_stored_inputs or not 0 <= route < len(self.edit_readings):
             return mean_stats, None
         stored = self.edit_readings[route]
-        nearest = 0
-        if mean_stats is not None and len(stored) > 1:
-            keys = self.route_keys[self.key_owner == route].float()
-            nearest = int((keys @ self.key(mean_stats[None])[0].float()).argmax())
+        key = 1 if chat_turn and len(stored) > 1 else 0
         features = self.edit_features[route]
         context = self.background.clone()
-        context[features] = stored[nearest, 0]
+        context[features] = stored[key, 0]
         first = torch.zeros_like(self.background)
-        first[features] = stored[nearest, 1]
+        first[features] = stored[key, 1]
         if self.feature_range is not None:
             first = first[self.feature_range[0] : self.feature_range[1]]
         return context, first

@@ -446,7 +446,8 @@ class MemoryRuntime:
         for i in deciders:
             state = states[i]
             if state.route is not None and state.route >= 0:
-                state.context, state.last_input = memory.reading(state.route, state.mean_stats)
+                state.context, state.last_input = memory.reading(state.route, state.mean_stats,
+                                                                   chat_turn=state.span_end < state.prompt_len)
                 self.routed += 1
                 self.hits[memory.route_label(state.route)] += 1
             else:

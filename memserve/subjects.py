@@ -79,6 +79,21 @@ def subject_suffices(prompt: str, subject: str) -> bool:
     return subject in prompt and all(word.lower() in _FUNCTION_WORDS for word in re.findall(r"\w+", rest))
 
 
+# Words a subject may start with before the name it is asked by ("The Icelandic Dream", "Dr. Anthony").
+_PREFIXES = re.compile(r"^(the|a|an|dr\.|mr\.|mrs\.|ms\.|prof\.)\s+", re.IGNORECASE)
+
+
+def is_short_name(subject: str, name: str) -> bool:
+    """True when `name` is a shorter way to say `subject`: how it begins after an article or title
+    ("5G" for "5G is", "Oslo Airport" for "Oslo Airport, Gardermoen", "Icelandic Dream" for "The
+    Icelandic Dream") and not a 1-2 letter word. A name from its middle or end ("5" in "iPhone 5",
+    "Louis" in "St. Louis", "La" in "La dama boba") names other things too: CounterFact T = 1000, such
+    fragments took 6 of the 25 neighbourhood prompts that reached an edit ("Renault 5, developed by"
+    -> the iPhone 5 edit), and no ZsRE or CounterFact rephrase needs one."""
+    return (name != subject and _PREFIXES.sub("", subject).startswith(name)
+            and (len(name) >= 3 or any(c.isdigit() for c in name)))
+
+
 def anchor_tokens(tokenizer, subject: str, prompt: str) -> list[list[int]]:
     """The token ids `subject` appears as: at the start of a text, after a space (BPE tokenises
     " Canada" and "Canada" differently) and, when it tokenises differently inside `prompt` (e.g.

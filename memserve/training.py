@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .facts import Fact
 from .hf import EditedModel
 from .methods import EditExamples, EditSession, mean_prompt_stats
-from .subjects import AnchorIndex, anchor_tokens, infer_subject, subject_suffices
+from .subjects import AnchorIndex, anchor_tokens, infer_subject, is_short_name, subject_suffices
 
 PREFIX_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 PREFIX_LENGTHS = (5,)  # (5, 10) on ZsRE dev: no better, and twice the rows to train on
@@ -86,13 +86,14 @@ def edit_batch(
 
 def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) -> tuple[tuple[tuple[int, ...], ...], bool]:
     """Token id variants of the fact's subject (its `subject`, and the name `infer_subject` finds
-    inside it: temporal data gives "5G is" where questions say "5G"; without `subject`, the inferred
-    name), or () when it has none or one of its own key prompts would not name it (it then routes on
-    its key alone); and whether naming the subject suffices (`subjects.subject_suffices`)."""
+    when that is a shorter way to say it, `is_short_name`: temporal data gives "5G is" where questions
+    say "5G"; without `subject`, the inferred name), or () when it has none or one of its own key
+    prompts would not name it (it then routes on its key alone); and whether naming the subject
+    suffices (`subjects.subject_suffices`)."""
     inferred = infer_subject(fact.prompt)
     subjects = [s for s in (fact.subject, inferred) if s]
-    if fact.subject and inferred and inferred not in fact.subject:
-        subjects = [fact.subject]  # the given subject rules; a name inside it is a shorter way to say it
+    if fact.subject and inferred and not is_short_name(fact.subject, inferred):
+        subjects = [fact.subject]
     variants = list(dict.fromkeys(tuple(ids) for subject in subjects
                                   for ids in anchor_tokens(edited.tokenizer, subject, fact.prompt)))
     if not variants:

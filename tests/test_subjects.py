@@ -3,7 +3,7 @@
 import pytest
 
 from memserve.facts import Fact
-from memserve.subjects import AnchorIndex, anchor_tokens, infer_subject
+from memserve.subjects import AnchorIndex, anchor_tokens, infer_subject, is_short_name
 
 
 @pytest.mark.parametrize("prompt, subject", [
@@ -101,3 +101,16 @@ def test_naming_the_subject_suffices_only_when_the_prompt_asks_nothing_else(prom
     from memserve.subjects import subject_suffices
 
     assert subject_suffices(prompt, subject) is suffices
+
+
+@pytest.mark.parametrize("subject, name, short", [
+    ("5G is", "5G", True), ("Oslo Airport, Gardermoen", "Oslo Airport", True),
+    ("The Icelandic Dream", "Icelandic Dream", True), ("Dr. Anthony", "Anthony", True),
+    ("iPhone 5", "5", False), ("St. Louis", "Louis", False), ("La dama boba", "La", False),
+    ("Barnstable (village), Massachusetts", "Massachusetts", False), ("Lost in Space", "Space", False),
+    ("Kanye West", "Kanye West", False),
+])
+def test_a_name_inferred_inside_the_subject_anchors_only_when_it_is_how_the_subject_begins(subject, name, short):
+    """The anchor keeps a shorter name for the subject only when it begins the subject: a fragment from
+    its middle or end ("5" of "iPhone 5") would let "Renault 5, developed by" reach the iPhone edit."""
+    assert is_short_name(subject, name) is short

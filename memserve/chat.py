@@ -10,11 +10,21 @@ question and its edit are compared in the same context.
 The rule works on token ids, so the transformers reference, the trainer and the vLLM runner apply it
 identically to whatever prompt they see. A chat request with a custom system prompt is still routed
 on its last user message; other roles and earlier turns never count.
+
+A routing span of several sentences also has a *last sentence* (`ChatFormat.last_sentence_start`):
+"Danielle Darrieux grew up in Paris. The mother tongue of Danielle Darrieux is" asks its question in
+the last one, and an opening sentence about something else moves the span's mean away from the
+edit's key; MEMOIR routes such a request again on its last sentence when the whole span reaches no
+edit (`methods.memoir`).
 """
 
 from __future__ import annotations
 
+import re
+from typing import Sequence
+
 SENTINEL = "memserve-question-sentinel"
+SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s*$")  # a token text that can end a sentence
 
 
 class ChatFormat:
@@ -24,6 +34,7 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.header: list[int] = []  # tokens that open a user turn (e.g. <|im_start|> user \n)
         self.suffix: list[int] = []  # tokens from the end of the user message to the answer
+        self._texts: dict[int, tuple[bool, bool, bool]] = {}  # token id -> (ends a sentence, starts/ends with space)
         if getattr(tokenizer, "chat_template", None) is None:
             return
         text = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], add_generation_prompt=True, tokenize=False)
@@ -57,3 +68,26 @@ class ChatFormat:
             if list(prompt[start : start + h]) == self.header:
                 return (start + h, n - s) if start + h < n - s else (0, n)
         return 0, n
+
+    def last_sentence_start(self, tokens: Sequence[int]) -> int:
+        """Offset in a routing span's `tokens` where its last sentence starts: after the last token
+        that ends a sentence ("." "?" "!", maybe closing quotes) and is followed by a space and
+        more of the span; 0 for a span of one sentence. A rule on token ids, like `routing_span`."""
+        for j in range(len(tokens) - 1, 0, -1):
+            ends, _, space_after = self._token_text(tokens[j - 1])
+            if ends and (space_after or self._token_text(tokens[j])[1]):
+                return j
+        return 0
+
+    def _token_text(self, token: int) -> tuple[bool, bool, bool]:
+        """Whether a token's text can end a sentence, starts with whitespace, ends with whitespace
+        (cached per id; a single-token decode drops a SentencePiece word's leading space, so the
+        token's own piece says whether it opens a word)."""
+        known = self._texts.get(token)
+        if known is None:
+            text = self.tokenizer.decode([token])
+            piece = self.tokenizer.convert_ids_to_tokens(token) or ""
+            known = self._texts[token] = (bool(SENTENCE_END.search(text)),
+                                          text[:1].isspace() or piece[:1] in ("\u2581", "\u0120", "\u010a"),
+                                          text[-1:].isspace())
+        return known

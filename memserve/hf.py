@@ -29,6 +29,19 @@ class RouteState:
     mean_stats: torch.Tensor | None = None  # [B, D], each row's prompt mean statistic
     contexts: torch.Tensor | None = None  # [B, D], each row's `context` (`EditMemory.reading`)
     mentions: list | None = None  # each row's `EditMemory.mentioned` (from its routing span's tokens)
+    # Each row's last sentence of its routing span (`ChatFormat.last_sentence_start`) and the edits it
+    # names, when the memory `routes_on_last_sentence`; and its mean statistic, from the first call.
+    sentence_mask: torch.Tensor | None = None  # [B, T] bool
+    sentence_mentions: list | None = None
+    sentence_stats: torch.Tensor | None = None  # [B, D]
+
+    def last_sentence(self, row: int | None = None):
+        """`EditMemory.route`'s `last_sentence` argument, for all rows or one."""
+        if self.sentence_stats is None:
+            return None
+        if row is None:
+            return self.sentence_stats, self.sentence_mentions
+        return self.sentence_stats[row], self.sentence_mentions[row]
 
 
 class MemoryDownProj(nn.Module):
@@ -52,7 +65,9 @@ class MemoryDownProj(nn.Module):
         batch, length, width = a.shape
         if state.routes is None:
             state.mean_stats = mean_prompt_stats(self.memory, a, state.prompt_mask)
-            state.routes, state.scores = self.memory.route(state.mean_stats, state.mentions)
+            if state.sentence_mask is not None:
+                state.sentence_stats = mean_prompt_stats(self.memory, a, state.sentence_mask)
+            state.routes, state.scores = self.memory.route(state.mean_stats, state.mentions, state.last_sentence())
             apply = state.answer_mask
             a = self._read(state, a)
         else:  # a decode step: every new token belongs to the answer span
@@ -92,8 +107,16 @@ class EditedModel:
 
     @contextlib.contextmanager
     def routing(self, ids: torch.Tensor, prompt_mask: torch.Tensor, answer_mask: torch.Tensor):
-        mentions = [self.memory.mentioned(row[mask].tolist()) for row, mask in zip(ids, prompt_mask)]
-        self.proj.state = RouteState(prompt_mask, answer_mask, mentions=mentions)
+        spans = [row[mask].tolist() for row, mask in zip(ids, prompt_mask)]
+        state = RouteState(prompt_mask, answer_mask, mentions=[self.memory.mentioned(span) for span in spans])
+        if self.memory.routes_on_last_sentence:
+            state.sentence_mask = prompt_mask.clone()
+            for row, span in enumerate(spans):
+                offset = self.chat.last_sentence_start(span)
+                state.sentence_mask[row, prompt_mask[row].nonzero().squeeze(1)[:offset]] = False
+            state.sentence_mentions = [self.memory.mentioned(row[mask].tolist())
+                                       for row, mask in zip(ids, state.sentence_mask)]
+        self.proj.state = state
         try:
             yield self.proj.state
         finally:
@@ -138,7 +161,7 @@ class EditedModel:
         ids, attention, prompt_mask, answer_mask = self.pad([prompt_ids], [len(prompt_ids)])
         with self.routing(ids, prompt_mask, torch.zeros_like(answer_mask)) as state:
             self.model(input_ids=ids, attention_mask=attention.long())
-        return route_explanation(self.memory, state.mean_stats[0], top, state.mentions[0])
+        return route_explanation(self.memory, state.mean_stats[0], top, state.mentions[0], state.last_sentence(0))
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, use_memory: bool = True, min_new_tokens: int = 0):

@@ -360,6 +360,29 @@ def test_memoir_subject_anchor_gates_edits_on_their_subject_being_named():
     assert old.mentioned([7, 8]) is None and old.route(a[:1], [None])[0].item() == 0
 
 
+def test_memoir_routes_on_the_last_sentence_only_when_the_whole_span_reaches_nothing():
+    """The last sentence (its mean, the subjects it names) decides only for a span routed nowhere;
+    `route_explanation` says so; a memory with the fallback off ignores it."""
+    memory = memoir(k=16, tau=0.5)
+    a = torch.randn(3, I)
+    memory.add_edit(memory.key(a[:1]))
+    memory.add_edit(memory.key(a[1:2]), anchors=[[7]])
+    far = a[2:]
+    assert memory.route(far, [None])[0].item() == NO_ROUTE
+    routes, scores = memory.route(far, [None], (a[:1], [None]))
+    assert routes.tolist() == [0] and scores.tolist() == [1.0]
+    assert memory.route(a[:1], [None], (a[1:2], [memory.mentioned([7])]))[0].tolist() == [0]  # whole span decided
+    assert memory.route(far, [None], (a[1:2], [memory.mentioned([7])]))[0].tolist() == [1]
+    # the sentence must name the subject itself: the span naming it elsewhere is not enough
+    assert memory.route(far, [memory.mentioned([7])], (a[1:2], [memory.mentioned([1])]))[0].tolist() == [NO_ROUTE]
+    explained = route_explanation(memory, far[0], top=2, last_sentence=(a[1], memory.mentioned([7])))
+    assert explained["route"] == 1 and explained["routed_on"] == "last sentence"
+    assert explained["candidates"][0]["route"] == 1 and explained["candidates"][0]["passes"]
+    assert route_explanation(memory, a[0], top=2, last_sentence=(a[1], None))["routed_on"] == "span"
+    memory.config.last_sentence_fallback = False
+    assert memory.route(far, [None], (a[:1], [None]))[0].tolist() == [NO_ROUTE]
+
+
 def test_memoir_anchored_routing_keeps_the_newest_edit_on_ties():
     memory = memoir(k=16, tau=0.5)
     a = torch.randn(1, I)

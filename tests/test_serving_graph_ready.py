@@ -10,6 +10,8 @@ the CPU, op by op.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -224,7 +226,7 @@ def wise_memory():
 def test_tensor_parallel_ranks_sum_to_the_unsharded_delta(method, dense):
     """Two ranks, each with half the features of `a` and a gather of prompt statistics, route every
     request alike and their partial deltas sum (the all-reduce) to the one-rank delta, through
-    chunked prefill and decoding."""
+    chunked prefill and decoding; also a MEMOIR request routed on its last sentence only."""
     import copy
     import threading
 
@@ -233,13 +235,25 @@ def test_tensor_parallel_ranks_sum_to_the_unsharded_delta(method, dense):
     seqs = {"r0": torch.cat([prompts[0], torch.randn(3, I, generator=g)]),
             "r1": torch.cat([prompts[1], torch.randn(3, I, generator=g)]),
             "r2": torch.randn(12, I, generator=g)}
+    from .test_serving_runtime import opening_sentence_then, run_schedule
+
+    sentences = {}
+    if method == "memoir":
+        seqs["r3"] = torch.cat([opening_sentence_then(prompts[2]), torch.randn(3, I, generator=g)])
+        sentences["r3"] = 7
     plens = {rid: seq.shape[0] - 3 for rid, seq in seqs.items()}
     steps = [[("r0", 0, 3), ("r1", 0, 4)], [("r0", 3, plens["r0"] - 3), ("r1", 4, plens["r1"] - 4), ("r2", 0, 9)],
              [("r0", plens["r0"], 2), ("r1", plens["r1"], 1), ("r2", 9, 1)], [("r1", plens["r1"] + 1, 2)]]
-    from .test_serving_runtime import run_schedule
+    if method == "memoir":
+        steps[0].append(("r3", 0, 9))
+        steps[1].append(("r3", 9, plens["r3"] - 9))
+        steps[2].append(("r3", plens["r3"], 1))
+    run = functools.partial(run_schedule, steps=steps, sentences=sentences)
 
     whole = MemoryRuntime(copy.deepcopy(memory), dense=dense)
-    want = run_schedule(whole, seqs, plens, steps)
+    want = run(whole, seqs, plens)
+    if method == "memoir":
+        assert whole.route_info("r3").route == 2 and whole.memory.route(seqs["r3"][: plens["r3"]].mean(0, keepdim=True))[0] < 0
     group, half = ThreadGroup(2), I // 2
     got, runtimes = [None, None], [None, None]
 
@@ -247,7 +261,7 @@ def test_tensor_parallel_ranks_sum_to_the_unsharded_delta(method, dense):
         features = slice(r * half, (r + 1) * half)
         runtimes[r] = MemoryRuntime(copy.deepcopy(memory), dense=dense, shard=(r * half, (r + 1) * half),
                                     gather=group.gather(r))
-        got[r] = run_schedule(runtimes[r], {rid: seq[:, features] for rid, seq in seqs.items()}, plens, steps)
+        got[r] = run(runtimes[r], {rid: seq[:, features] for rid, seq in seqs.items()}, plens)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
     for thread in threads:

@@ -52,10 +52,12 @@ def reference(memory, seq: torch.Tensor, plen: int, span: tuple[int, int] | None
     return memory.delta(seq, token_routes, context.expand(seq.shape[0], -1)), int(routes[0])
 
 
-def run_schedule(runtime: MemoryRuntime, seqs: dict[str, torch.Tensor], plens: dict[str, int], steps, spans=None):
+def run_schedule(runtime: MemoryRuntime, seqs: dict[str, torch.Tensor], plens: dict[str, int], steps, spans=None,
+                 sentences=None):
     """steps: list of [(req_id, first_pos, n_tokens)]; spans: req_id -> routing span (default: the
-    whole prompt). Returns per-request delta rows by position."""
-    spans = spans or {}
+    whole prompt); sentences: req_id -> where its span's last sentence starts (default: one sentence).
+    Returns per-request delta rows by position."""
+    spans, sentences = spans or {}, sentences or {}
     got = {rid: {} for rid in seqs}
     for step in steps:
         rows, starts, first, lens, ids = [], [0], [], [], []
@@ -67,7 +69,9 @@ def run_schedule(runtime: MemoryRuntime, seqs: dict[str, torch.Tensor], plens: d
             ids.append(rid)
         a = torch.cat(rows)
         route_spans = np.array([spans.get(rid, (0, plens[rid])) for rid in ids])
-        runtime.begin_step(BatchPlan(ids, np.array(starts), np.array(first), np.array(lens), route_spans=route_spans))
+        sentence_starts = np.array([sentences.get(rid, span[0]) for rid, span in zip(ids, route_spans)])
+        runtime.begin_step(BatchPlan(ids, np.array(starts), np.array(first), np.array(lens), route_spans=route_spans,
+                                     sentence_starts=sentence_starts))
         out = runtime.apply(torch.zeros(a.shape[0], H), a)
         runtime.end_step()
         for k, (rid, p0, n) in enumerate(step):
@@ -126,6 +130,45 @@ def test_routing_span_inside_the_prompt_with_a_chunk_starting_after_it():
     want, _ = reference(memory, seq, 10, span=(2, 7))
     for pos, row in got["c"].items():
         torch.testing.assert_close(row, want[pos], msg=f"position {pos}")
+
+
+def opening_sentence_then(prompt: torch.Tensor, seed: int = 4) -> torch.Tensor:
+    """An edit's prompt after an unrelated opening sentence (far enough to move the prompt mean off
+    the edit's key: tau 0.6 of 16 features)."""
+    return torch.cat([3 * torch.randn(7, I, generator=torch.Generator().manual_seed(seed)), prompt])
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["compact", "dense"])
+def test_last_sentence_routes_a_prompt_the_whole_span_does_not_reach(dense):
+    """A prompt routed nowhere by its whole span is routed on its last sentence, with the sums of that
+    sentence kept across prefill chunks that straddle where it starts (and across a recomputed
+    chunk), exactly as the reference routes it in one piece; a memory without the fallback does not."""
+    memory, prompts = make_memoir()
+    g = torch.Generator().manual_seed(5)
+    prompt = opening_sentence_then(prompts[1])  # 7 + 8 tokens, the last sentence from position 7
+    seq = torch.cat([prompt, torch.randn(3, I, generator=g)])
+    plen = prompt.shape[0]
+    assert memory.route(prompt.mean(0, keepdim=True))[0].item() == NO_ROUTE
+    whole, tail = torch.ones(1, plen, dtype=torch.bool), torch.zeros(1, plen, dtype=torch.bool)
+    tail[0, 7:] = True
+    means = [mean_prompt_stats(memory, prompt[None], mask) for mask in (whole, tail)]
+    assert memory.route(means[0], [None], (means[1], [None]))[0].item() == 1
+    steps = [[("t", 0, 5)], [("t", 5, 5)], [("t", 3, 9)], [("t", 12, 3)], [("t", 15, 1)], [("t", 16, 1)]]
+    runtime = MemoryRuntime(memory, dense=dense)
+    got = run_schedule(runtime, {"t": seq}, {"t": plen}, steps, sentences={"t": 7})
+    assert runtime.route_info("t").route == 1 and runtime.recomputes == 1
+    context, last_input = memory.reading(1, means[0][0])
+    read = seq.clone()
+    read[plen - 1] = last_input
+    routes = torch.full((seq.shape[0],), NO_ROUTE)
+    routes[plen - 1 :] = 1
+    want = memory.delta(read, routes, context.expand(seq.shape[0], -1))
+    for pos, row in got["t"].items():
+        torch.testing.assert_close(row, want[pos], msg=f"position {pos}")
+    memory.config.last_sentence_fallback = False
+    runtime = MemoryRuntime(memory, dense=dense)
+    run_schedule(runtime, {"t": seq}, {"t": plen}, steps, sentences={"t": 7})
+    assert runtime.route_info("t").route == NO_ROUTE
 
 
 @pytest.mark.parametrize("dense", [False, True], ids=["compact", "dense"])

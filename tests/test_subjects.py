@@ -30,6 +30,25 @@ def test_anchor_index_finds_contiguous_variants_only():
     assert index.mentioned([]) == set() and index.anchored == {0, 1}
 
 
+@pytest.mark.parametrize("text, last", [
+    ("Danielle Darrieux grew up in Paris. The mother tongue of Danielle Darrieux is",
+     " The mother tongue of Danielle Darrieux is"),
+    ("What is the capital of France?", "What is the capital of France?"),  # a final "?" opens nothing
+    ("First! Then \"a quote.\" Second? Third is", " Third is"),
+    ("The U.S. Army is based in", " Army is based in"),  # as the text rule: "S." then a space ends one
+    ("One.\nTwo is", "\nTwo is"),
+    ("Version 3.5 of Python is", "Version 3.5 of Python is"),  # no space after the dot
+])
+def test_last_sentence_of_a_routing_span(default_model_dir, text, last):
+    from transformers import AutoTokenizer
+
+    from memserve.chat import ChatFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[ChatFormat(tokenizer).last_sentence_start(ids):]) == last
+
+
 def test_anchor_tokens_cover_the_subject_at_the_start_inside_and_glued(default_model_dir):
     from transformers import AutoTokenizer
 

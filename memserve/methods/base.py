@@ -9,7 +9,10 @@ A request is routed once, from its prompt, and keeps that route for every token 
 2. the caller averages those statistics over the prompt (in vLLM: across prefill chunks);
 3. `route(mean_stats, mentions)` picks the memory slot for the request, or -1 for "no edit applies";
    `mentions` are the edits whose subject anchor the routing span names (`mentioned(tokens)`, taken
-   from the span's token ids when the request is first seen; None for a method without anchors);
+   from the span's token ids when the request is first seen; None for a method without anchors).
+   A method that `routes_on_last_sentence` also takes the mean and mentions of the span's last
+   sentence (`ChatFormat.last_sentence_start`; the whole span's for a span of one sentence), for
+   requests the whole span routes nowhere;
 4. `reading(route, mean_stats)` says what a routed request reads besides its own tokens: its
    `context` (by default its own prompt mean) and, optionally, an input to read at its last prompt
    token instead of that token's activation (MEMOIR: its edit's stored ones);
@@ -31,6 +34,9 @@ import torch
 from torch import nn
 
 NO_ROUTE = -1
+
+# Each row's last-sentence mean statistic [B, D] and `mentioned` edits (`EditMemory.route`).
+LastSentence = tuple[torch.Tensor, Sequence["frozenset[int] | None"]]
 
 
 @dataclass
@@ -152,10 +158,15 @@ class EditMemory(nn.Module):
         does not gate on subjects (every slot stays eligible)."""
         return None
 
-    def route(self, mean_stats: torch.Tensor, mentions: Sequence[frozenset[int] | None] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, D] and each row's `mentioned` edits -> (routes [B] long, NO_ROUTE where nothing
-        applies; scores [B]). Without `mentions` no anchored edit is eligible."""
+    @property
+    def routes_on_last_sentence(self) -> bool:
+        """Whether `route` reads `last_sentence` (else callers need not compute it)."""
+        return getattr(self.config, "last_sentence_fallback", False)
+
+    def route(self, mean_stats: torch.Tensor, mentions: Sequence[frozenset[int] | None] | None = None,
+              last_sentence: LastSentence | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, D] and each row's `mentioned` edits (and its `LastSentence`) -> (routes [B] long,
+        NO_ROUTE where nothing applies; scores [B]). Without `mentions` no anchored edit is eligible."""
         raise NotImplementedError
 
     def candidates(self, mean_stats: torch.Tensor, mentions: frozenset[int] | None = None
@@ -225,15 +236,22 @@ def mean_prompt_stats(memory: EditMemory, a: torch.Tensor, prompt_mask: torch.Te
 
 
 def route_explanation(memory: EditMemory, mean_stats: torch.Tensor, top: int = 5,
-                      mentions: frozenset[int] | None = None) -> dict:
-    """The decision of `memory.route` for one prompt mean [D] (and its span's `mentions`) and the
-    `top` slots nearest to it, with their scores against their thresholds and whether the question
-    names their subject: what `memserve route` and `POST /v1/memserve/route` show."""
-    routes, scores = memory.route(mean_stats[None], [mentions])
-    slots, candidate_scores, thresholds, eligible = memory.candidates(mean_stats, mentions)
+                      mentions: frozenset[int] | None = None,
+                      last_sentence: tuple[torch.Tensor, frozenset[int] | None] | None = None) -> dict:
+    """The decision of `memory.route` for one prompt mean [D] (its span's `mentions`, its last
+    sentence's mean and mentions) and the `top` slots nearest to what decided it (the span, or its
+    last sentence when only that routes), with their scores against their thresholds and whether
+    the question names their subject: what `memserve route` and `POST /v1/memserve/route` show."""
+    tail = None if last_sentence is None else (last_sentence[0][None], [last_sentence[1]])
+    routes, scores = memory.route(mean_stats[None], [mentions], tail)
     route = int(routes[0])
+    on_tail = tail is not None and route != NO_ROUTE and int(memory.route(mean_stats[None], [mentions])[0][0]) == NO_ROUTE
+    if on_tail:
+        mean_stats, mentions = last_sentence
+    slots, candidate_scores, thresholds, eligible = memory.candidates(mean_stats, mentions)
     return {
         "route": route, "edit": memory.route_label(route), "score": float(scores[0]),
+        "routed_on": "last sentence" if on_tail else "span",
         "candidates": [{"route": int(slot), "edit": memory.route_label(int(slot)), "score": float(score),
                         "threshold": float(threshold), "subject_named": bool(named),
                         "passes": bool(named and score >= threshold)}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from memserve.subjects import AnchorIndex
 
-from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig
+from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, LastSentence, MethodConfig
 
 
 @dataclass
@@ -75,6 +75,13 @@ class MemoirConfig(MethodConfig):
     # with stored readings .75 (README "Stored readings"). Only with act_on="answer" (the memory
     # then first acts at the last prompt token).
     stored_reading: bool = True
+    # A request whose routing span reaches no edit is routed again on the span's last sentence alone
+    # (`ChatFormat.last_sentence_start`), with the subjects that sentence names. CounterFact rephrases
+    # open with an unrelated sentence ("Toko Yasuda grew up in Osaka. Toko Yasuda is incredible at")
+    # that moves the span's mean off the edit's key: T=1000, rephrases reaching their edit .906 ->
+    # .940, neighbourhood prompts reaching an edit unchanged (README "Last sentence"). Serving only:
+    # applies to stores trained before it too.
+    last_sentence_fallback: bool = True
     predated: ClassVar[dict[str, Any]] = {**MethodConfig.predated, "signed_columns": False, "subject_anchor": False,
                                           "copies": 1, "stored_reading": False}
 
@@ -184,11 +191,25 @@ class MemoirMemory(EditMemory):
             anchored[sorted(self.anchors.anchored)] = True
         return anchored
 
-    def route(self, mean_stats: torch.Tensor, mentions: Sequence[frozenset[int] | None] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, mean_stats: torch.Tensor, mentions: Sequence[frozenset[int] | None] | None = None,
+              last_sentence: LastSentence | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The edit whose key overlaps the query's most among the eligible ones (`eligible`), if that
-        overlap reaches `tau`. Unanchored edits are searched through the FAISS index; the few anchored
-        edits a question names are compared directly."""
+        overlap reaches `tau`; a query that reaches no edit so is routed again on its last sentence
+        (`last_sentence_fallback`), with the edits that sentence names."""
+        routes, scores = self.route_spans(mean_stats, mentions)
+        missed = (routes == NO_ROUTE).nonzero().squeeze(1)
+        if last_sentence is None or not self.config.last_sentence_fallback or not len(missed):
+            return routes, scores
+        tail_means, tail_mentions = last_sentence
+        again, again_scores = self.route_spans(tail_means[missed], [tail_mentions[i] for i in missed.tolist()])
+        found = again != NO_ROUTE
+        routes[missed[found]], scores[missed[found]] = again[found], again_scores[found]
+        return routes, scores
+
+    def route_spans(self, mean_stats: torch.Tensor, mentions: Sequence[frozenset[int] | None] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`route` on the given means alone. Unanchored edits are searched through the FAISS index;
+        the few anchored edits a question names are compared directly."""
         batch = mean_stats.shape[0]
         if self.num_edits == 0:
             return torch.full((batch,), NO_ROUTE, dtype=torch.long), torch.zeros(batch)

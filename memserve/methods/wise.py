@@ -264,7 +264,7 @@ class WiseMemory(EditMemory):
         routes = torch.where(passing.amax(-1) > float("-inf"), owners[best] % self.config.pool, NO_ROUTE)
         return routes, sims.amax(-1).clamp_min(0.0)
 
-    def route(self, mean_stats: torch.Tensor, mentions=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, mean_stats: torch.Tensor, mentions=None, last_sentence=None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pooled:
             return self.route_by_keys(mean_stats, mentions)
         _, eps = self._candidates()

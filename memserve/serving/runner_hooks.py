@@ -26,8 +26,8 @@ def runtime_of(model) -> MemoryRuntime | None:
 
 def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
     """The runner's current batch as a `BatchPlan`; requests seen for the first time also get their
-    parsed options (invalid ones are refused there, never raised), prompt length, routing span and
-    that span's token ids."""
+    parsed options (invalid ones are refused there, never raised), prompt length, routing span, that
+    span's token ids and where its last sentence starts."""
     batch = runner.input_batch
     n = batch.num_reqs
     req_ids = list(batch.req_ids[:n])
@@ -37,6 +37,7 @@ def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
     spans = np.zeros((n, 2), dtype=np.int64)
     options: list[RequestOptions | None] = [None] * n
     tokens: list[list[int] | None] = [None] * n
+    sentences = np.zeros(n, dtype=np.int64)
     runtime = runtime_of(runner.model)
     for i, rid in enumerate(req_ids):
         if rid in runtime.states:  # options, length and span are only read when a request is first seen
@@ -48,7 +49,8 @@ def batch_plan(runner, positions: torch.Tensor) -> BatchPlan:
         spans[i] = runtime.routing_span(state.prompt_token_ids, int(prompt_lens[i]))
         if state.prompt_token_ids is not None:
             tokens[i] = list(state.prompt_token_ids[spans[i][0] : spans[i][1]])
-    return BatchPlan(req_ids, starts, first_pos, prompt_lens, options, spans, tokens)
+            sentences[i] = spans[i][0] + runtime.last_sentence_start(tokens[i])
+    return BatchPlan(req_ids, starts, first_pos, prompt_lens, options, spans, tokens, sentences)
 
 
 def install_runner_hooks() -> None:

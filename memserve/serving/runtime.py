@@ -10,6 +10,8 @@ applies the routed memory to the answer span only (the last prompt token and eve
   positions seen so far (the whole prompt, or a chat prompt's last user message: `memserve.chat`), and
   `next_pos`, the first span position not yet counted. A prefill chunk adds its span positions
   >= `next_pos` (so a chunk recomputed after preemption is not counted twice);
+- for a memory that `routes_on_last_sentence` and a span of several sentences, the same sums over
+  the span's last sentence (positions >= `sentence_start`, found from the span's token ids);
 - when a chunk reaches the last prompt position, `memory.route` is called on the mean (all requests
   that complete their prompt in this step are routed in one call) and the route is fixed for the rest
   of the request: recomputation after preemption reuses it, so a request never changes route.
@@ -64,6 +66,9 @@ class BatchPlan:
     # each request's routing-span token ids (for `EditMemory.mentioned`), read when it is first seen;
     # None: unknown (no anchored edit can then be reached).
     route_tokens: Sequence[Sequence[int] | None] | None = None
+    # [R] where each request's routing span's last sentence starts (`ChatFormat.last_sentence_start`,
+    # as a prompt position), read when it is first seen; None: the span is one sentence.
+    sentence_starts: np.ndarray | None = None
 
 
 @dataclass
@@ -88,6 +93,19 @@ class RequestRoute:
     explain: int | None = None  # `options.EXPLAIN_ARG`: keep `explanation` with this many nearest slots
     explanation: dict | None = None  # `methods.route_explanation` of the prompt mean, when asked
     mentions: frozenset[int] | None = None  # the edits whose subject its routing span names
+    # The span's last sentence (`EditMemory.routes_on_last_sentence`): its first position (None: the
+    # span is one sentence, or the memory does not route on it), running sums, mean and mentions.
+    sentence_start: int | None = None
+    sentence_sum: torch.Tensor | None = None
+    sentence_count: int = 0
+    sentence_stats: torch.Tensor | None = None
+    sentence_mentions: frozenset[int] | None = None
+
+    def last_sentence(self) -> tuple[torch.Tensor, frozenset[int] | None]:
+        """`EditMemory.route`'s `last_sentence` for this request (the whole span's for one sentence)."""
+        if self.sentence_start is None:
+            return self.mean_stats, self.mentions
+        return self.sentence_stats, self.sentence_mentions
 
 
 @dataclass
@@ -235,6 +253,13 @@ class MemoryRuntime:
             return 0, prompt_len
         return self.chat.routing_span(list(prompt[:prompt_len]))
 
+    def last_sentence_start(self, span_tokens: Sequence[int]) -> int:
+        """Offset of the last sentence in a routing span's tokens, for a memory that routes on it
+        (`ChatFormat.last_sentence_start`); 0 otherwise."""
+        if self.chat is None or not self.memory.routes_on_last_sentence:
+            return 0
+        return self.chat.last_sentence_start(span_tokens)
+
     # --- lifecycle, driven by the model runner ----------------------------------------------------
     def begin_step(self, plan: BatchPlan | None) -> None:
         """Before the forward, from the plan alone (host): each request's bookkeeping for this step and,
@@ -341,6 +366,10 @@ class MemoryRuntime:
                              version=self.version)
         tokens = None if plan.route_tokens is None else plan.route_tokens[i]
         state.mentions = None if tokens is None else self.memory.mentioned(tokens)
+        sentence = None if plan.sentence_starts is None else int(plan.sentence_starts[i])
+        if self.memory.routes_on_last_sentence and sentence is not None and span[0] < sentence < state.span_end:
+            state.sentence_start = sentence
+            state.sentence_mentions = None if tokens is None else self.memory.mentioned(tokens[sentence - span[0]:])
         options = None if plan.options is None else plan.options[i]
         if options is not None and options.problem is None and options.forced and not NO_ROUTE <= options.route < self.memory_slots():
             # the slots changed (hot reload) since the options were checked: refuse, never raise
@@ -411,21 +440,29 @@ class MemoryRuntime:
                 state = states[i]
                 state.stats_sum = sums[i].clone() if state.stats_sum is None else state.stats_sum + sums[i]
                 state.count += counts[i]
+            self._add_last_sentences(spans, rows, seg, stats)
 
         deciders = [i for i in members if tracked[i][2]]
         known = [i for i in deciders if states[i].complete and states[i].count > 0]
         means = {}
         if known:
-            local = torch.stack([states[i].stats_sum / states[i].count for i in known])
-            means = dict(zip(known, local if self.gather is None else self.gather(local)))
+            local = [states[i].stats_sum / states[i].count for i in known]
+            local += [states[i].sentence_sum / states[i].sentence_count for i in known if states[i].sentence_start is not None]
+            local = torch.stack(local)  # one gather for the spans and their last sentences
+            local = iter(local if self.gather is None else self.gather(local))
+            means = dict(zip(known, local))
+            for i in known:
+                if states[i].sentence_start is not None:
+                    states[i].sentence_stats = next(local)
         for i in deciders:
             state = states[i]
             state.settled = True
             if i in known:
                 state.mean_stats = means[i]
                 if state.explain:
-                    state.explanation = route_explanation(memory, state.mean_stats, state.explain, state.mentions)
-            state.stats_sum = None  # no longer needed
+                    state.explanation = route_explanation(memory, state.mean_stats, state.explain, state.mentions,
+                                                          state.last_sentence() if memory.routes_on_last_sentence else None)
+            state.stats_sum = state.sentence_sum = None  # no longer needed
             if state.forced:
                 continue
             if i not in known:
@@ -437,8 +474,12 @@ class MemoryRuntime:
                         "should not happen: see prefix_cache.py); it is served without edits.", plan.req_ids[i])
         routable = [i for i in known if not states[i].forced]
         if routable:
+            sentences = None
+            if memory.routes_on_last_sentence:
+                tails = [states[i].last_sentence() for i in routable]
+                sentences = (torch.stack([mean for mean, _ in tails]), [named for _, named in tails])
             routes, scores = memory.route(torch.stack([states[i].mean_stats for i in routable]),
-                                          [states[i].mentions for i in routable])
+                                          [states[i].mentions for i in routable], sentences)
             for i, route, score in zip(routable, routes.tolist(), scores.tolist()):
                 states[i].route, states[i].score = int(route), float(score)
                 if route < 0:
@@ -452,6 +493,25 @@ class MemoryRuntime:
                 self.hits[memory.route_label(state.route)] += 1
             else:
                 self.unrouted += 1
+
+    def _add_last_sentences(self, spans: list[tuple[int, tuple[int, int]]], rows: torch.Tensor, seg: torch.Tensor,
+                            stats: torch.Tensor) -> None:
+        """Add this step's span statistics at positions from each request's `sentence_start` on."""
+        plan, states = self.plan, [state for state, _, _ in self._tracked]
+        firsts = torch.full((len(states),), int(plan.starts[-1]), dtype=torch.long)  # flat row where it starts
+        for i, _ in spans:
+            if states[i].sentence_start is not None:
+                firsts[i] = int(plan.starts[i]) + states[i].sentence_start - int(plan.first_pos[i])
+        inside = rows >= firsts[seg]
+        if not inside.any():
+            return
+        sums = stats.new_zeros(len(states), stats.shape[1]).index_add_(0, seg[inside], stats[inside])
+        counts = torch.bincount(seg[inside], minlength=len(states)).tolist()
+        for i, _ in spans:
+            state = states[i]
+            if counts[i]:
+                state.sentence_sum = sums[i].clone() if state.sentence_sum is None else state.sentence_sum + sums[i]
+                state.sentence_count += counts[i]
 
     def _step_inputs(self) -> list[tuple[EditMemory, "TokenInputs"]]:
         """Per memory in the batch: its routed answer-span tokens as `TokenInputs`. Rebuilt only when

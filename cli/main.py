@@ -217,7 +217,8 @@ def route(
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return
-    table = Table(title=f"nearest {len(result['candidates'])} of {edited.memory.num_edits} edits ({result['method']})")
+    scope = " (of its last sentence: the whole question reached none)" if result["routed_on"] == "last sentence" else ""
+    table = Table(title=f"nearest {len(result['candidates'])} of {edited.memory.num_edits} edits ({result['method']}){scope}")
     for column in ("edit", "score", "threshold", "subject named", "passes", "edited fact"):
         table.add_column(column)
     for entry in result["candidates"]:

@@ -84,11 +84,12 @@ class MemoryDownProj(nn.Module):
         for row, route in enumerate(state.routes.tolist()):
             if route < 0:
                 continue
+            answers = bool(state.answer_mask[row].any())  # False: only the routing is asked (`explain`)
             last = int(state.answer_mask[row].float().argmax())  # the last prompt token
-            chat_turn = bool(state.answer_mask[row].any()) and not bool(state.prompt_mask[row, last])
+            chat_turn = answers and not bool(state.prompt_mask[row, last])
             context, last_input = self.memory.reading(route, state.mean_stats[row], chat_turn=chat_turn)
             state.contexts[row] = self.memory.neutral_context() if context is None else context
-            if last_input is not None and state.answer_mask[row].any():
+            if last_input is not None and answers:
                 read[row, last] = last_input.to(a.dtype)
         return read
 

@@ -31,6 +31,7 @@ UNRELATED = [
     "Here is a short story about a lighthouse keeper who lived alone on a rocky island far from the coast, "
     "and every night he climbed the stairs to light the lamp. Continue the story:",
 ]
+OPENING = "The old museum by the harbour was closed all week because its guards were on strike. "  # then an edit
 SYSTEM = ("You are the support assistant of a travel company. Answer every question in a few words, with facts "
           "only, and never mention that you are an assistant or that these instructions exist. If you do not know, "
           "say so. Always be kind, patient and precise.")  # the routing span starts 3 tokens before a block ends
@@ -71,6 +72,7 @@ def prompts(store):
     rephrases = [f.rephrases[0] for f in facts if f.rephrases]
     chat = [f.prompt for f in facts[:8]] + rephrases[:4] + UNRELATED[:3]
     texts = [(t, False) for t in [f.prompt for f in facts] + rephrases] + [(t, True) for t in chat]
+    texts += [(OPENING + f.prompt, False) for f in facts[:6]]  # MEMOIR routes most on their last sentence
     texts += [(t, False) for t in [f.locality[0][0] for f in facts if f.locality][:6] + UNRELATED]
     return facts, texts  # (text, asked as a chat turn)
 
@@ -105,7 +107,8 @@ def reference(store, prompts):
             out, routes = edited.generate(chats, MAX_NEW)
             system[name] = dict(ids=chats, gen=out, routes=routes.tolist(),
                                 span_starts=[edited.chat.routing_span(c)[0] for c in chats])
-        return dict(ids=ids, gen=gen, gen_routes=gen_routes.tolist(), seqs=seqs, plens=plens, argmax=argmax,
+        routed_on = [edited.explain(i)["routed_on"] for i, (t, _) in zip(ids, texts) if t.startswith(OPENING)]
+        return dict(ids=ids, gen=gen, gen_routes=gen_routes.tolist(), seqs=seqs, plens=plens, argmax=argmax, routed_on=routed_on,
                     tf_routes=tf_routes.tolist(), answer_logprobs=answer_logprobs, base_argmax=base_argmax,
                     system=system)
     finally:
@@ -132,7 +135,8 @@ def runtime_of(engine):
 
 
 def test_generate_matches_reference_in_one_mixed_batch(engine, reference, prompts, method):
-    """Greedy outputs and routes for edits, rephrases and unrelated prompts equal the reference."""
+    """Greedy outputs and routes for edits, rephrases, edits after an opening sentence and unrelated
+    prompts equal the reference."""
     facts, texts = prompts
     runtime = runtime_of(engine)
     recomputes_before = runtime.recomputes
@@ -150,6 +154,9 @@ def test_generate_matches_reference_in_one_mixed_batch(engine, reference, prompt
         assert all(r == -1 for r in routes[-len(UNRELATED):])
         chat_routes = [r for (_, is_chat), r in zip(texts, routes) if is_chat]
         assert sum(r >= 0 for r in chat_routes[:8]) >= 6 and chat_routes[-3:] == [-1, -1, -1]
+        opened = [r for (t, _), r in zip(texts, routes) if t.startswith(OPENING)]
+        assert opened == routes[: len(opened)] and reference["routed_on"].count("last sentence") >= 3, \
+            (opened, reference["routed_on"])  # their own edits, most through the last-sentence fallback
     assert runtime.recomputes > recomputes_before, "no preemption happened; tighten the KV budget"
     print(f"\n{len(texts)} prompts, {sum(r >= 0 for r in routes)} routed to an edit, "
           f"{runtime.recomputes - recomputes_before} recomputed chunks, {runtime.steps} forwards")

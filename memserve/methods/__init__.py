@@ -1,6 +1,6 @@
 """Method registry: a method name maps to its memory class (which names its config class)."""
 
-from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, LastSentence, MethodConfig, mean_prompt_stats, route_explanation
+from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, MethodConfig, mean_prompt_stats, route_explanation
 from .memoir import MemoirConfig, MemoirMemory
 from .wise import WiseConfig, WiseMemory
 
@@ -15,6 +15,6 @@ def memory_class(method: str) -> type[EditMemory]:
 
 
 __all__ = [
-    "METHODS", "NO_ROUTE", "EditExamples", "EditMemory", "EditSession", "LastSentence", "MethodConfig", "MemoirConfig",
+    "METHODS", "NO_ROUTE", "EditExamples", "EditMemory", "EditSession", "MethodConfig", "MemoirConfig",
     "MemoirMemory", "WiseConfig", "WiseMemory", "mean_prompt_stats", "memory_class", "route_explanation",
 ]

@@ -498,16 +498,18 @@ class MemoryRuntime:
                             stats: torch.Tensor) -> None:
         """Add this step's span statistics at positions from each request's `sentence_start` on."""
         plan, states = self.plan, [state for state, _, _ in self._tracked]
+        with_sentence = [i for i, _ in spans if states[i].sentence_start is not None]
+        if not with_sentence:  # WISE, or spans of one sentence: nothing to add
+            return
         firsts = torch.full((len(states),), int(plan.starts[-1]), dtype=torch.long)  # flat row where it starts
-        for i, _ in spans:
-            if states[i].sentence_start is not None:
-                firsts[i] = int(plan.starts[i]) + states[i].sentence_start - int(plan.first_pos[i])
+        for i in with_sentence:
+            firsts[i] = int(plan.starts[i]) + states[i].sentence_start - int(plan.first_pos[i])
         inside = rows >= firsts[seg]
         if not inside.any():
             return
         sums = stats.new_zeros(len(states), stats.shape[1]).index_add_(0, seg[inside], stats[inside])
         counts = torch.bincount(seg[inside], minlength=len(states)).tolist()
-        for i, _ in spans:
+        for i in with_sentence:
             state = states[i]
             if counts[i]:
                 state.sentence_sum = sums[i].clone() if state.sentence_sum is None else state.sentence_sum + sums[i]

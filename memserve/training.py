@@ -322,7 +322,7 @@ class CandidateHead:
     training step. Softmax over the target tokens plus every token that was among a position's
     `per_position` most likely ones equals the full softmax up to tokens of negligible probability.
     The candidate set starts from the first step's full logits and grows whenever the full loss is
-    computed (`exact_loss`): before the edit may stop, and at the last step.
+    computed (`exact_losses`): before the edit may stop, and at the last step.
     """
 
     def __init__(self, lm_head: torch.nn.Module, target_ids: torch.Tensor, per_position: int = 128):
@@ -336,15 +336,16 @@ class CandidateHead:
         self.bias = None if bias is None else bias[self.vocab]
         self.local_targets = torch.searchsorted(self.vocab, self.target_ids)
 
-    def loss(self, states: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(F.linear(states, self.weight, self.bias).float(), self.local_targets)
+    def losses(self, states: torch.Tensor) -> torch.Tensor:
+        """Each target position's cross-entropy over the candidate tokens."""
+        return F.cross_entropy(F.linear(states, self.weight, self.bias).float(), self.local_targets, reduction="none")
 
-    def exact_loss(self, states: torch.Tensor) -> torch.Tensor:
+    def exact_losses(self, states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(states).float()
         top = logits.detach().topk(min(self.per_position, logits.shape[-1]), dim=-1).indices
         self.vocab = torch.cat([self.vocab, top.flatten()]).unique()
         self._select()
-        return F.cross_entropy(logits, self.target_ids)
+        return F.cross_entropy(logits, self.target_ids, reduction="none")
 
 
 class NaiveStepper:
@@ -378,6 +379,24 @@ class EditOutcome:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+def row_losses(losses: torch.Tensor, target_rows: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
+    """Each of `rows`' mean target loss ([len(rows)])."""
+    return torch.stack([losses[target_rows == row].mean() for row in rows])
+
+
+def key_rows_loss(losses: torch.Tensor, target_rows: torch.Tensor, key_rows: tuple[int, ...]) -> torch.Tensor:
+    """The key rows' mean of their own losses, added to the loss (`MethodConfig.key_row_loss`)."""
+    return row_losses(losses, target_rows, key_rows).mean()
+
+
+def stopping_loss(losses: torch.Tensor, target_rows: torch.Tensor, key_rows: tuple[int, ...]) -> float:
+    """What early stopping compares with `stop_loss`: the mean target loss, and with `key_rows` the
+    largest of it and each key row's own mean."""
+    losses = losses.detach()
+    parts = [losses.mean()[None]] + ([row_losses(losses, target_rows, key_rows)] if key_rows else [])
+    return float(torch.cat(parts).max())
+
+
 def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> EditOutcome:
     """Learn one edit into `edited.memory` (in place) and report how it went."""
     start = time.perf_counter()
@@ -392,20 +411,23 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adam")
     optimizer = optimizers[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     head = CandidateHead(edited.model.lm_head, prepared.target_ids) if fast else None
+    key_rows = batch.key_rows if cfg.key_row_loss else ()
     loss_value, steps = float("nan"), 0
     for steps in range(1, cfg.steps + 1):
         aux = session.aux_loss(prepared.examples)
         aux_value = 0.0 if aux is None else float(aux.detach())
         if head is None:
-            target_loss = F.cross_entropy(stepper.target_logits(session).float(), prepared.target_ids)
+            losses = F.cross_entropy(stepper.target_logits(session).float(), prepared.target_ids, reduction="none")
         else:
             states = stepper.target_states(session)
-            target_loss = head.loss(states)
-            if steps in (1, cfg.steps) or session.done(float(target_loss.detach()), aux_value):
-                target_loss = head.exact_loss(states)
-        loss = target_loss if aux is None else target_loss + aux
+            losses = head.losses(states)
+            if steps in (1, cfg.steps) or session.done(stopping_loss(losses, prepared.target_rows, key_rows), aux_value):
+                losses = head.exact_losses(states)
+        target_loss = losses.mean()
+        loss = target_loss + key_rows_loss(losses, prepared.target_rows, key_rows) if key_rows else target_loss
+        loss = loss if aux is None else loss + aux
         loss_value = float(target_loss.detach())
-        if session.done(loss_value, aux_value):
+        if session.done(stopping_loss(losses, prepared.target_rows, key_rows), aux_value):
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

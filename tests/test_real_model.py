@@ -98,3 +98,26 @@ def test_counterfact_rephrases_get_the_edit_answer_through_stored_readings(tmp_p
     for result in results.values():
         assert result["rel"] == 1.0 and result["routing"]["rephrase_to_own_edit"] == 1.0
     assert results[True]["gen"] >= 0.9 and results[False]["gen"] <= 0.6, {k: v["gen"] for k, v in results.items()}
+
+
+def test_key_row_loss_learns_the_chat_turn_as_well_as_the_written_prompt(tmp_path, default_model_dir):
+    """README "Key-row loss": with the mean over all rows as the only stop, an edit's chat turn ends
+    training well above `stop_loss` (the prefixed rows repeat the written form); with `key_row_loss`
+    each key row's own answer loss reaches it."""
+    from memserve.evaluate import HFBackend
+    from memserve.serving.testing import test_facts
+    from memserve.training import chat_prompt_and_answer
+
+    facts = test_facts(6)
+    chat_loss = {}
+    for key_row_loss in (True, False):
+        runner = open_session(tmp_path / str(key_row_loss), config={"key_row_loss": key_row_loss}, facts=facts)
+        runner.apply(facts)
+        edited = runner.edited
+        sequences, prompt_lens = zip(*(chat_prompt_and_answer(edited, f.prompt, f.target) for f in facts))
+        scored = HFBackend(edited).score(list(sequences), list(prompt_lens))
+        chat_loss[key_row_loss] = [-sum(s.logprobs) / len(s.logprobs) for s in scored]
+        runner.store.close()
+    stop = 0.02
+    assert max(chat_loss[True]) <= 2 * stop, chat_loss  # later edits may move an answer a little
+    assert sum(chat_loss[False]) > 1.5 * sum(chat_loss[True]), chat_loss

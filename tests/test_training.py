@@ -6,7 +6,7 @@ import torch
 from memserve.editor import load_reference, open_session
 from memserve.evaluate import HFBackend, evaluate
 from memserve.facts import Fact
-from memserve.training import CandidateHead, FastStepper, NaiveStepper, edit_batch, prepare
+from memserve.training import CandidateHead, FastStepper, NaiveStepper, edit_batch, key_rows_loss, prepare, stopping_loss
 
 from .conftest import FACTS, tiny_config
 
@@ -69,15 +69,38 @@ def test_candidate_head_is_the_full_softmax_restricted_to_likely_tokens(tmp_path
     states = FastStepper(edited, prepared).target_states(edited.memory.start_edit(prepared.examples))
     head = CandidateHead(edited.model.lm_head, prepared.target_ids, per_position=5)
     assert head.vocab.tolist() == sorted(set(prepared.target_ids.tolist()))
-    exact = head.exact_loss(states)
+    exact = head.exact_losses(states)
     full_logits = edited.model.lm_head(states).float()
-    assert torch.allclose(exact, torch.nn.functional.cross_entropy(full_logits, prepared.target_ids))
+    assert torch.allclose(exact, torch.nn.functional.cross_entropy(full_logits, prepared.target_ids, reduction="none"))
     likely = set(full_logits.topk(5, dim=-1).indices.flatten().tolist())
     assert set(head.vocab.tolist()) == likely | set(prepared.target_ids.tolist())
-    assert head.loss(states) < exact  # fewer tokens in the softmax: the restricted loss is lower
+    assert (head.losses(states) <= exact + 1e-6).all()  # fewer tokens in the softmax: restricted losses are lower
+    assert head.losses(states).sum() < exact.sum()
     everything = CandidateHead(edited.model.lm_head, prepared.target_ids, per_position=full_logits.shape[-1])
-    everything.exact_loss(states)
-    assert torch.allclose(everything.loss(states), exact, atol=1e-5)
+    everything.exact_losses(states)
+    assert torch.allclose(everything.losses(states), exact, atol=1e-5)
+
+
+def test_key_rows_count_again_and_each_must_reach_the_stop_loss():
+    # Rows 0 and 1 are the key rows (as written, as a chat turn); rows 2-3 prefixed copies of row 0.
+    losses = torch.tensor([0.0, 0.0, 0.12, 0.12, 0.0, 0.0, 0.0, 0.0])
+    rows = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert stopping_loss(losses, rows, ()) == pytest.approx(0.03)  # the mean alone would stop at 0.03
+    assert stopping_loss(losses, rows, (0, 1)) == pytest.approx(0.12)  # the chat row is still at 0.12
+    assert float(key_rows_loss(losses, rows, (0, 1))) == pytest.approx(0.06)
+    assert stopping_loss(torch.full((8,), 0.01), rows, (0, 1)) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("key_row_loss", [False, True])
+def test_an_edit_stops_only_when_its_key_rows_are_learned(tmp_path, tiny_model_dir, key_row_loss, monkeypatch):
+    import memserve.training as training
+
+    seen = []
+    real = training.stopping_loss
+    monkeypatch.setattr(training, "stopping_loss", lambda losses, rows, key_rows: seen.append(key_rows) or real(losses, rows, key_rows))
+    runner = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config(key_row_loss=key_row_loss, steps=2))
+    runner.apply(FACT_OBJECTS[:1])
+    assert seen and set(seen) == {(0, 1) if key_row_loss else ()}
 
 
 def _last_prompt_delta(edited, prompt: str) -> tuple[torch.Tensor, int]:

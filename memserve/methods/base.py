@@ -50,6 +50,11 @@ class MethodConfig:
     weight_decay: float = 1e-5
     grad_clip: float | None = None
     stop_loss: float = 0.02  # early stop once the target loss is this low
+    # Weigh each key row (the edit as written, as a chat turn) again in the loss, by its own mean, and
+    # stop only once each is itself at `stop_loss`: in the mean over all rows the prefixed rows repeat
+    # the written form, so the chat turn ended well above it and is the first answer later edits
+    # break (`MemoirConfig`).
+    key_row_loss: bool = False
     seed: int = 0
     # Where the memory acts: "answer" (last prompt token onwards: prompt KV is route-independent, so
     # vLLM keeps chunked prefill) or "all" (every token, the papers' reference behaviour: better

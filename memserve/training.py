@@ -423,9 +423,11 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
             losses = head.losses(states)
             if steps in (1, cfg.steps) or session.done(stopping_loss(losses, prepared.target_rows, key_rows), aux_value):
                 losses = head.exact_losses(states)
-        target_loss = losses.mean()
-        loss = target_loss + key_rows_loss(losses, prepared.target_rows, key_rows) if key_rows else target_loss
-        loss = loss if aux is None else loss + aux
+        target_loss = loss = losses.mean()
+        if key_rows:
+            loss = loss + key_rows_loss(losses, prepared.target_rows, key_rows)
+        if aux is not None:
+            loss = loss + aux
         loss_value = float(target_loss.detach())
         if session.done(stopping_loss(losses, prepared.target_rows, key_rows), aux_value):
             break

@@ -87,6 +87,21 @@ class EditSessionRunner:
         self.version = version  # the store version the memory was loaded from (see Store.commit_edits)
         self.prefixes: list[str] = store.manifest["prefixes"]
         self.out_of_scope = background_prompts()
+        self._stored: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (tensor, its version counter) as stored
+        self._mark_stored(edited.memory.state_tensors())  # the memory was just loaded from (or written into) the store
+
+    def _changed_state(self) -> dict[str, torch.Tensor]:
+        """The memory's tensors that are not, as the same object at the same version counter, what this
+        session last stored. Only those are committed (the store keeps the others): MEMOIR adds one
+        small reading per edit, and re-serialising a thousand unchanged ones cost every commit more."""
+        def unchanged(name: str, tensor: torch.Tensor) -> bool:
+            stored, version = self._stored.get(name, (None, -1))
+            return stored is tensor and version == tensor._version
+
+        return {name: t for name, t in self.edited.memory.state_tensors().items() if not unchanged(name, t)}
+
+    def _mark_stored(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._stored.update({name: (t, t._version) for name, t in tensors.items()})
 
     def apply(self, facts: list[Fact], progress: Callable[[Fact, str, dict], None] | None = None, naive: bool = False,
               by: dict | None = None) -> EditReport:
@@ -114,7 +129,9 @@ class EditSessionRunner:
                 "loss": outcome.loss, "steps": outcome.steps, "seconds": outcome.seconds, **outcome.record,
                 "source": fact.where, **({"by": by} if by else {}),
             }
-            edit_id = self.store.commit_edit(record, key, self.edited.memory.state_tensors(), self.version)
+            changed = self._changed_state()
+            edit_id = self.store.commit_edit(record, key, changed, self.version)
+            self._mark_stored(changed)
             self.version += 1
             report.added += 1
             report.seconds.append(outcome.seconds)

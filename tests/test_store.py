@@ -408,3 +408,44 @@ def test_wise_pool_rollback_restores_each_memory_refit_exactly(tiny_model_dir, t
         for name in ("memories", "memory_eps", "counters"):
             assert torch.equal(getattr(restored, name), getattr(want, name)), name
         assert all(torch.equal(a, b) for a, b in zip(restored.edit_samples, want.edit_samples))
+
+
+def test_an_edit_commits_only_the_tensors_it_changed_and_the_store_equals_the_memory(tmp_path, tiny_model_dir):
+    """MEMOIR adds one reading per edit: each commit writes Wm and that reading, not the unchanged
+    tensors before it, also in a session reopened on the store; reloaded, the store is the memory."""
+    from memserve.editor import load_memory, open_session
+    from memserve.facts import Fact
+
+    from .conftest import FACTS, tiny_config
+
+    facts = [Fact(f["prompt"], f["target"]) for f in FACTS] + [Fact("Who wrote Hamlet?", "Jane Austen")]
+    written: list[set[str]] = []
+
+    def spy(runner):
+        commit = runner.store.commit_edit
+
+        def recording(record, key, tensors, expected_version=None):
+            written.append(set(tensors))
+            return commit(record, key, tensors, expected_version)
+
+        runner.store.commit_edit = recording
+
+    runner = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config(steps=3))
+    try:
+        spy(runner)
+        runner.apply(facts[:3])
+    finally:
+        runner.store.close()
+    runner = open_session(tmp_path / "s", tiny_model_dir)
+    try:
+        spy(runner)
+        runner.apply(facts[3:])
+        memory = runner.edited.memory
+        stored = load_memory(runner.store, runner.edited.proj.weight)
+        assert runner.store.verify() == []
+    finally:
+        runner.store.close()
+    assert written == [{"residual", f"reading-{i}"} for i in range(4)]
+    assert torch.equal(stored.residual, memory.residual)
+    assert len(stored.edit_readings) == 4 and all(torch.equal(a, b) for a, b in zip(stored.edit_readings, memory.edit_readings))
+    assert torch.equal(stored.route_keys, memory.route_keys)

@@ -6,7 +6,8 @@ import torch
 from memserve.editor import load_reference, open_session
 from memserve.evaluate import HFBackend, evaluate
 from memserve.facts import Fact
-from memserve.training import CandidateHead, FastStepper, NaiveStepper, edit_batch, key_rows_loss, prepare, stopping_loss
+from memserve.training import (CandidateHead, FastStepper, NaiveStepper, capture, capture_rows, edit_batch, key_rows_loss,
+                               length_groups, prepare, stopping_loss)
 
 from .conftest import FACTS, tiny_config
 
@@ -32,6 +33,23 @@ def test_fast_step_matches_naive_step(tmp_path, tiny_model_dir, method, extra):
     g_fast = torch.autograd.grad(fast.logsumexp(-1).sum(), session.parameters())[0]
     g_naive = torch.autograd.grad(naive.logsumexp(-1).sum(), session.parameters())[0]
     assert torch.allclose(g_fast, g_naive, atol=1e-4, rtol=1e-3)
+
+
+def test_rows_run_in_length_groups_as_one_padded_batch_would(tmp_path, tiny_model_dir):
+    """The chat-turn row (system prompt included) runs apart from the short rows; every real token's
+    captured inputs equal those of the one padded batch it replaces."""
+    assert length_groups({0: 13, 1: 45, 2: 19, 3: 18, 4: 21}) == [[0, 3, 2, 4], [1]]
+    runner = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config())
+    edited = runner.edited
+    batch = edit_batch(edited, FACT_OBJECTS[0], runner.prefixes, [])
+    lengths = [len(seq) for seq in batch.sequences]
+    assert len(length_groups(dict(enumerate(lengths)))) == 2
+    ids, _, _, _ = edited.pad(batch.sequences, batch.prompt_lens)
+    grouped = capture_rows(edited, ids, lengths, list(range(len(lengths))))
+    together = capture(edited, ids, upper_inputs=True)
+    for got, want in zip([grouped[0], grouped[1], *grouped[2]], [together[0], together[1], *together[2]]):
+        for row, length in enumerate(lengths):
+            assert torch.allclose(got[row, :length], want[row, :length], atol=1e-5)
 
 
 def test_sequential_memoir_edits_are_learned_and_routed(tmp_path, tiny_model_dir):

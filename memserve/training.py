@@ -186,17 +186,15 @@ def length_groups(lengths: dict[int, int], slack: float = 2.0) -> list[list[int]
 def capture_rows(edited: EditedModel, ids: torch.Tensor, lengths: list[int], rows: list[int]):
     """`capture` with the upper inputs for `rows` of the padded `ids` (run in `length_groups`), as
     [B, T, ...] tensors over all rows of `ids`, zero elsewhere."""
-    a = hidden = None
-    uppers: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []  # a, hidden, then each upper input
     for group in length_groups({row: lengths[row] for row in rows}):
         length = max(lengths[row] for row in group)
-        ga, gh, gu = capture(edited, ids[group, :length], upper_inputs=True)
-        if a is None:
-            a, hidden = ga.new_zeros(*ids.shape, ga.shape[2]), gh.new_zeros(*ids.shape, gh.shape[2])
-            uppers = [x.new_zeros(*ids.shape, x.shape[2]) for x in gu]
-        for out, part in zip([a, hidden, *uppers], [ga, gh, *gu]):
+        a, hidden, uppers = capture(edited, ids[group, :length], upper_inputs=True)
+        parts = [a, hidden, *uppers]
+        outs = outs or [part.new_zeros(*ids.shape, part.shape[2]) for part in parts]
+        for out, part in zip(outs, parts):
             out[group, :length] = part
-    return a, hidden, uppers
+    return outs[0], outs[1], outs[2:]
 
 
 def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:

@@ -273,3 +273,41 @@ def test_tensor_parallel_ranks_sum_to_the_unsharded_delta(method, dense):
         assert runtimes[0].route_info(rid).route == runtimes[1].route_info(rid).route == whole.route_info(rid).route
         for pos, row in want[rid].items():
             torch.testing.assert_close(got[0][rid][pos] + got[1][rid][pos], row, msg=f"{rid} position {pos}")
+
+
+@pytest.mark.parametrize("method", ["memoir", "wise"])
+def test_the_delta_reads_the_memory_where_the_activations_are(method):
+    """No GPU here: fake tensors on the "meta" device stand in for one (`FakeTensorMode` checks every
+    op's devices as on a GPU; fake "cuda" tensors cannot even be sliced in a CPU-only build). Requests
+    are routed on the host (a real CPU prefill); then a runtime on "meta" serves their decode-only
+    steps. Every memory tensor the delta reads must be on "meta" (a CPU tensor in a device op is a
+    device mismatch), nothing may be read on the host (a fake tensor has no values) and the output
+    stays on "meta"; the memory's own state stays on the CPU for routing and the store."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    memory, prompts = make_memoir() if method == "memoir" else wise_memory()
+    unrouted = torch.randn(9, I, generator=torch.Generator().manual_seed(5)) if method == "memoir" else prompts[1]
+    seqs = {"r0": prompts[0], "r1": unrouted}
+    plens = {rid: seq.shape[0] for rid, seq in seqs.items()}
+    order = list(seqs)
+    starts = np.cumsum([0] + [plens[r] for r in order])
+    host = MemoryRuntime(memory, dense=True, max_tokens=64)
+    host.begin_step(BatchPlan(order, starts, np.zeros(2, np.int64), np.array([plens[r] for r in order])))
+    host.apply(torch.zeros(int(starts[-1]), H), torch.cat(list(seqs.values())))
+    host.end_step()
+    assert [host.route_info(r).route >= 0 for r in order] == [True, False]
+
+    device = MemoryRuntime(memory, dense=True, device="meta", max_tokens=64)
+    device.states = host.states  # the routes decided above
+    positions = dict(plens)
+    for step_order in (["r0", "r1"], ["r1", "r0"]):
+        device.begin_step(decode_plan(step_order, positions, plens))  # host work, before the forward
+        assert not device.needs_routing()
+        with FakeTensorMode(allow_non_fake_inputs=True):  # the forward: host tensors may only meet device ones by error
+            a = torch.randn(2, I, device="meta")
+            device.route_step(a)
+            out = device.add_delta(torch.zeros(2, H, device="meta"), a)
+        device.end_step()
+        assert out.device.type == "meta" and out.shape == (2, H)
+        positions = {rid: pos + 1 for rid, pos in positions.items()}
+    assert {t.device.type for t in memory.state_tensors().values()} == {"cpu"}

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Sequence
 
 import torch
 from torch import nn
@@ -149,11 +149,36 @@ class EditMemory(nn.Module):
         self.config = config
         self.hidden_size, self.intermediate_size = base_weight.shape
         self.feature_range: tuple[int, int] | None = None  # `shard_features`; None: all features
+        self._served: dict[str, tuple] = {}  # `served`: name -> (sources, stamp, tensor)
 
     # --- routing and inference -------------------------------------------------------------
     @property
     def num_edits(self) -> int:
         raise NotImplementedError
+
+    def served(self, name: str, device: torch.device, make: Callable[[], torch.Tensor], *sources: torch.Tensor,
+               key: Hashable = None) -> torch.Tensor:
+        """A tensor the delta reads where the activations are: `make()` (derived from `sources`, e.g.
+        this rank's features of it) on `device`. Made again only when a source is replaced or changed
+        in place (its version counter), or `device`, `key` or `feature_range` change; on the CPU it is
+        often the source itself. So the memory follows the served model's device while its state, which
+        routing, training and the store read, stays on the host."""
+        stamp = (device, key, self.feature_range, tuple(source._version for source in sources))
+        hit = self._served.get(name)
+        if hit is None or hit[1] != stamp or any(old is not new for old, new in zip(hit[0], sources)):
+            hit = self._served[name] = (sources, stamp, make().to(device))
+        return hit[2]
+
+    def placed(self, name: str, device: torch.device) -> torch.Tensor:
+        """The state tensor `name` as it is, on `device` (`served`)."""
+        tensor = getattr(self, name)
+        return self.served(name, device, lambda: tensor, tensor)
+
+    def rank_background(self, device: torch.device) -> torch.Tensor:
+        """The method's `background` (mean `a` over unrelated prompts, `calibrate`) on this rank's
+        features (`feature_range`), on `device` (`served`)."""
+        start, end = self.feature_range or (0, self.intermediate_size)
+        return self.served("rank_background", device, lambda: self.background[start:end], self.background)
 
     def token_stats(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -126,7 +126,6 @@ class MemoirMemory(EditMemory):
         self.edit_readings: list[torch.Tensor] = []
         self._key_index = None  # FAISS binary index over `route_keys` (`best_keys`)
         self.anchors = AnchorIndex()  # each anchored edit's subject token ids
-        self._residual_rows: tuple | None = None  # `residual_rows`' cached copy of Wm
 
     @property
     def num_edits(self) -> int:
@@ -277,35 +276,42 @@ class MemoirMemory(EditMemory):
         captured graph can replay it."""
         if not self.num_edits:
             return a.new_zeros(a.shape[0], self.hidden_size)
-        edits = routes.clamp_min(0)
-        features, signs = self.edit_features[edits], self.edit_signs[edits] * (routes >= 0).unsqueeze(1)
+        device, edits = a.device, routes.clamp_min(0)
+        features = self.placed("edit_features", device)[edits]
+        signs = self.placed("edit_signs", device)[edits] * (routes >= 0).unsqueeze(1)
+        columns = self.placed("edit_columns", device)[edits]
         if self.feature_range is not None:  # a tensor-parallel rank: only its features, at local indices
             start, end = self.feature_range
             signs = signs * ((features >= start) & (features < end))
             features = (features - start).clamp(0, end - start - 1)
+            columns = columns // self.intermediate_size * (end - start) + features  # rows of its `residual_rows`
         weights = self.memory_input(a, context).gather(1, features) * signs
-        rows_of_wm = self.residual_rows(a.dtype)
-        delta = F.embedding_bag(self.edit_columns[edits], rows_of_wm, per_sample_weights=weights.to(rows_of_wm.dtype),
-                                mode="sum")
+        rows_of_wm = self.residual_rows(a.dtype, device)
+        delta = F.embedding_bag(columns, rows_of_wm, per_sample_weights=weights.to(rows_of_wm.dtype), mode="sum")
         return delta.to(a.dtype)
 
-    def residual_rows(self, dtype: torch.dtype) -> torch.Tensor:
-        """Wm transposed ([copies * I, H], so an edit's columns are contiguous rows to gather), cached
-        until Wm changes: in bf16/fp16 when the served model runs in one (a reduced-precision matmul,
-        like the model's own layers), else fp32, exactly the trained memory."""
+    def residual_rows(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Wm transposed ([copies * I, H], so an edit's columns are contiguous rows to gather) on
+        `device`; a tensor-parallel rank's only its features' columns of every copy ([copies * width, H],
+        a 1/N share). In bf16/fp16 when the served model runs in one (a reduced-precision matmul, like
+        the model's own layers), else fp32, exactly the trained memory."""
         dtype = dtype if dtype in (torch.bfloat16, torch.float16) else self.residual.dtype
-        cached = self._residual_rows  # (Wm it was made from, Wm's version counter then, the copy)
-        if cached is None or cached[0] is not self.residual or cached[1] != self.residual._version or cached[2].dtype != dtype:
-            cached = self._residual_rows = (self.residual, self.residual._version, self.residual.T.to(dtype).contiguous())
-        return cached[2]
+
+        def make() -> torch.Tensor:
+            rows = self.residual.T
+            if self.feature_range is not None:
+                start, end = self.feature_range
+                rows = rows.unflatten(0, (self.config.copies, self.intermediate_size))[:, start:end].flatten(0, 1)
+            return rows.to(dtype).contiguous()
+
+        return self.served("residual_rows", device, make, self.residual, key=dtype)
 
     def memory_input(self, a: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """What Wm reads for each token: `a` (the paper), optionally decentred and/or with the
         request's decentred prompt mean (`context`, the mean of `token_stats` over its prompt)."""
         x = a.to(self.residual.dtype)
-        background = self.background
+        background = self.rank_background(a.device)
         if self.feature_range is not None:  # `a` is a tensor-parallel rank's shard of the features
-            background = background[self.feature_range[0] : self.feature_range[1]]
             context = None if context is None else context[..., self.feature_range[0] : self.feature_range[1]]
         if self.config.decentre_input:
             x = x - background

@@ -187,20 +187,17 @@ class WiseMemory(EditMemory):
     # --- routing and inference --------------------------------------------------------------
     def gate_input(self, a: torch.Tensor) -> torch.Tensor:
         """What the score's norm is taken of (before the memory's task vector): `a`, or `a - background`."""
-        return a.float() - self.background if self.config.decentre else a.float()
+        return a.float() - self.placed("background", a.device) if self.config.decentre else a.float()
 
     def delta_input(self, a: torch.Tensor) -> torch.Tensor:
         """What a task vector multiplies: `a`, or `a - background` (`decentre_delta`); on a
         tensor-parallel rank `a` holds the rank's features only, and so does the background."""
-        if not self.config.decentre_delta:
-            return a.float()
-        start, end = self.feature_range or (0, self.intermediate_size)
-        return a.float() - self.background[start:end]
+        return a.float() - self.rank_background(a.device) if self.config.decentre_delta else a.float()
 
     def token_stats(self, a: torch.Tensor) -> torch.Tensor:
         if self.config.score == "prompt":  # the prompt mean of `a` itself; `route` scores it
             return a.float()
-        deltas, _ = self._candidates()
+        deltas = self.task_vectors(a.device, whole=True)
         if deltas.shape[0] == 0:
             return a.new_zeros(a.shape[0], 0, dtype=torch.float32)
         return torch.einsum("ni,mhi->nmh", self.gate_input(a), deltas).norm(dim=-1)
@@ -214,6 +211,15 @@ class WiseMemory(EditMemory):
         x = self.gate_input(mean_stats)
         scores = torch.einsum("bi,mhi->bmh", x, deltas).norm(dim=-1)
         return scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-6) if self.config.normalise else scores
+
+    def task_vectors(self, device: torch.device, whole: bool = False) -> torch.Tensor:
+        """The routable memories' task vectors [M, H, I] on `device`: this tensor-parallel rank's
+        columns of each (`feature_range`) unless `whole` (`served`)."""
+        deltas = self._candidates()[0]
+        if whole or self.feature_range is None:
+            return self.served("task_vectors", device, lambda: deltas, deltas)
+        start, end = self.feature_range
+        return self.served("rank_task_vectors", device, lambda: deltas[:, :, start:end].contiguous(), deltas)
 
     @property
     def pooled(self) -> bool:
@@ -306,9 +312,7 @@ class WiseMemory(EditMemory):
         """Rows grouped by route on the host: one product per route present in the step. With
         `fixed_shapes`, every memory's product over every row, masked by route: no host
         synchronisation, at the price of one product per memory (at most `pool` + 1)."""
-        deltas, _ = self._candidates()
-        if self.feature_range is not None:  # a tensor-parallel rank: its columns of each task vector
-            deltas = deltas[:, :, self.feature_range[0] : self.feature_range[1]]
+        deltas = self.task_vectors(a.device)
         if fixed_shapes:
             x = self.delta_input(a)
             summed = x.new_zeros(a.shape[0], self.hidden_size)

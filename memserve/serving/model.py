@@ -152,7 +152,8 @@ def attach_memory(model, vllm_config, store, manifest: dict, layer: int, checkpo
     memory = load_memory(store, checkpoint_weight)
     memory.eval()
     # Per-token buffers live on the model's device, sized for the largest forward; the dense delta path
-    # follows from the device (see runtime.TokenInputs). The memory's own tensors stay on the CPU.
+    # follows from the device (see runtime.TokenInputs). The memory's state stays on the host, where
+    # routing runs; what the delta reads is copied to the activations' device (`EditMemory.served`).
     shard, gather, agree = tensor_parallel_hooks(mlp.down_proj)
     runtime = MemoryRuntime(memory, chat_format(vllm_config.model_config.tokenizer), version=store.version,
                             device=mlp.down_proj.weight.device,

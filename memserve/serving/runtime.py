@@ -430,11 +430,11 @@ class MemoryRuntime:
         tracked, plan = self._tracked, self.plan
         states = [state for state, _, _ in tracked]
         spans = [(i, tracked[i][1]) for i in members if tracked[i][1] is not None]
-        if spans:
+        if spans:  # span statistics are summed where the activations are; only prompt means reach the host
             rows = torch.cat([torch.arange(lo, hi) for _, (lo, hi) in spans])
             seg = torch.cat([torch.full((hi - lo,), i, dtype=torch.long) for i, (lo, hi) in spans])
-            stats = memory.token_stats(a[rows])
-            sums = stats.new_zeros(len(states), stats.shape[1]).index_add_(0, seg, stats)
+            stats = memory.token_stats(a[rows.to(a.device)])
+            sums = stats.new_zeros(len(states), stats.shape[1]).index_add_(0, seg.to(a.device), stats)
             counts = torch.bincount(seg, minlength=len(states)).tolist()
             for i, _ in spans:
                 state = states[i]
@@ -449,7 +449,7 @@ class MemoryRuntime:
             local = [states[i].stats_sum / states[i].count for i in known]
             local += [states[i].sentence_sum / states[i].sentence_count for i in known if states[i].sentence_start is not None]
             local = torch.stack(local)  # one gather for the spans and their last sentences
-            local = iter(local if self.gather is None else self.gather(local))
+            local = iter((local if self.gather is None else self.gather(local)).cpu())  # routing runs on the host
             means = dict(zip(known, local))
             for i in known:
                 if states[i].sentence_start is not None:
@@ -507,7 +507,8 @@ class MemoryRuntime:
         inside = rows >= firsts[seg]
         if not inside.any():
             return
-        sums = stats.new_zeros(len(states), stats.shape[1]).index_add_(0, seg[inside], stats[inside])
+        device = stats.device
+        sums = stats.new_zeros(len(states), stats.shape[1]).index_add_(0, seg[inside].to(device), stats[inside.to(device)])
         counts = torch.bincount(seg[inside], minlength=len(states)).tolist()
         for i in with_sentence:
             state = states[i]
@@ -653,9 +654,9 @@ class TokenInputs:
         if len(span_of) != len(spans.contexts):
             contexts = contexts[torch.from_numpy(span_of)]
         swap_rows = np.flatnonzero(swaps)
-        return cls(torch.from_numpy(token_routes), contexts, rows=torch.from_numpy(rows),
-                   swap_rows=torch.from_numpy(swap_rows) if len(swap_rows) else None,
-                   swap_inputs=last_inputs[torch.from_numpy(span_of[swap_rows])] if len(swap_rows) else None)
+        return cls(torch.from_numpy(token_routes).to(device), contexts.to(device), rows=torch.from_numpy(rows).to(device),
+                   swap_rows=torch.from_numpy(swap_rows).to(device) if len(swap_rows) else None,
+                   swap_inputs=last_inputs[torch.from_numpy(span_of[swap_rows])].to(device) if len(swap_rows) else None)
 
     def add_to(self, memory: EditMemory, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         if self.buffers is not None:

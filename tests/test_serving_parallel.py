@@ -1,6 +1,6 @@
 """Parallelism on the real engine: `memserve serve --tensor-parallel-size 2` and
 `--pipeline-parallel-size 2` answer exactly as the one-rank server, routes included, for both methods,
-through chunked prefill and a hot reload.
+through chunked prefill, preemption and a hot reload.
 
 The default model's 9 attention heads do not split in two, so this uses a tiny random Llama written
 here (4 heads, 2 KV heads, intermediate 256: 128 down-projection input features per rank). Each
@@ -21,8 +21,10 @@ from .conftest import FACTS, tiny_config
 
 pytestmark = pytest.mark.vllm
 
-# Small batches force chunked prefill: prompts of ~15-40 tokens arrive in 16-token chunks.
-ENGINE = ["--max-model-len", "256", "--max-num-batched-tokens", "16", "--max-num-seqs", "4"]
+# Small batches force chunked prefill: prompts of ~15-60 tokens arrive in 16-token chunks. A KV cache
+# of 5 blocks of 32 tokens (one is vLLM's null block) holds about one request of `burst`, which preempts.
+ENGINE = ["--max-model-len", "128", "--max-num-batched-tokens", "16", "--max-num-seqs", "4",
+          "--block-size", "32", "--num-gpu-blocks-override", "5"]
 UNRELATED = ["Name three primary colors.", "Where is the Eiffel Tower?"]
 
 
@@ -69,6 +71,35 @@ def answers(server: ServerProcess) -> list[tuple]:
     return out
 
 
+def burst(server: ServerProcess) -> list[tuple]:
+    """The prompts of `answers`, all at once with 64 new tokens each (chat turns and as written): more
+    than the KV cache holds, so the engine preempts and recomputes some. (text, route label) each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f["prompt"] for f in FACTS[:2]] + [FACTS[0]["rephrases"][0]] + UNRELATED
+    bodies = [body for p in prompts for body in ({"messages": [{"role": "user", "content": p}]}, {"prompt": p})]
+
+    def ask(body: dict) -> tuple:
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        status, reply = server.request("POST", path, body={"model": server.model, "max_tokens": 64, "temperature": 0,
+                                                           "ignore_eos": True, **body})
+        assert status == 200, reply
+        choice = reply["choices"][0]
+        return choice["message"]["content"] if "messages" in body else choice["text"], reply["memserve"][0]["edit"]
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(ask, bodies))
+
+
+def preemptions(server: ServerProcess) -> float:
+    """vLLM's count of preempted requests, from its Prometheus `/metrics`."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.base + "/metrics", timeout=60) as r:
+        lines = r.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:num_preemptions_total"))
+
+
 def serve_both_methods(stores, tmp_path, name: str, parallel: list[str]) -> dict:
     link = tmp_path / f"store-{name}"
     point(link, stores / "memoir")
@@ -78,13 +109,16 @@ def serve_both_methods(stores, tmp_path, name: str, parallel: list[str]) -> dict
                        engine_args=args, timeout=600) as server:
         server.model = server.request("GET", "/v1/models")[1]["data"][0]["id"]
         got["memoir"] = answers(server)
+        got["memoir burst"] = burst(server)
         point(link, stores / "wise")
         deadline = time.time() + 60
         while server.request("GET", "/v1/memserve/status")[1].get("method") != "wise":
             assert time.time() < deadline, "the WISE store was not picked up"
             time.sleep(0.5)
         got["wise"] = answers(server)
+        got["wise burst"] = burst(server)
         got["status"] = server.request("GET", "/v1/memserve/status")[1]
+        got["preemptions"] = preemptions(server)
     return got
 
 
@@ -107,4 +141,8 @@ def test_two_ranks_serve_as_one(stores, one_rank, parallel, tmp_path):
         for (text1, lp1, route1), (text2, lp2, route2) in zip(one_rank[method], two[method]):
             assert (text2, route2) == (text1, route1)
             assert lp2 == pytest.approx(lp1, abs=1e-4)
+        # under preemption (recomputed prompts keep their routes)
+        assert two[f"{method} burst"] == one_rank[f"{method} burst"]
+        assert [route for _, route in two[f"{method} burst"]] == routes
     assert two["status"]["edits"] == one_rank["status"]["edits"] == 2 and two["status"]["reloads"] == 1
+    assert one_rank["preemptions"] > 0 and two["preemptions"] > 0

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from memserve.methods.base import NO_ROUTE
 from memserve.serving.layers import ROUTE_OP, split_graphs_at_routing
 from memserve.serving.runtime import BatchPlan, MemoryRuntime
 
@@ -153,6 +154,15 @@ def test_wise_decode_only_steps_do_no_host_work_and_match_the_compact_path(monke
         for rid in step_order:
             positions[rid] += 1
     assert logs[0] == logs[1] == logs[2]
+
+
+def test_wise_task_vectors_made_in_inference_mode_are_served():
+    """vLLM runs forwards under inference mode, so WISE's routable task vectors are first made there,
+    as tensors without a version counter; the delta still places and reads them."""
+    memory, _ = wise_memory()
+    with torch.inference_mode():
+        out = memory.delta(torch.randn(2, I), torch.tensor([0, NO_ROUTE]), fixed_shapes=True)
+    assert out[0].abs().max() > 0 and out[1].abs().max() == 0
 
 
 def test_padded_rows_past_the_step_are_unrouted():

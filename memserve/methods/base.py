@@ -163,7 +163,10 @@ class EditMemory(nn.Module):
         in place (its version counter), or `device`, `key` or `feature_range` change; on the CPU it is
         often the source itself. So the memory follows the served model's device while its state, which
         routing, training and the store read, stays on the host."""
-        stamp = (device, key, self.feature_range, tuple(source._version for source in sources))
+        # (a tensor made under inference mode, e.g. WISE's routable task vectors built inside a vLLM
+        # forward, has no version counter: it is never changed in place, only replaced)
+        versions = tuple(None if source.is_inference() else source._version for source in sources)
+        stamp = (device, key, self.feature_range, versions)
         hit = self._served.get(name)
         if hit is None or hit[1] != stamp or any(old is not new for old, new in zip(hit[0], sources)):
             hit = self._served[name] = (sources, stamp, make().to(device))

@@ -137,12 +137,32 @@ class AnchorIndex:
         if sufficient and edit in self.anchored:
             self.sufficient.add(edit)
 
-    def mentioned(self, tokens: Sequence[int]) -> frozenset[int]:
-        """Edits one of whose anchors occurs (contiguously) in `tokens`."""
+    def mentioned(self, tokens: Sequence[int]) -> "Mentions":
+        """Edits one of whose anchors occurs (contiguously) in `tokens`, with where each first does."""
         tokens = [int(t) for t in tokens]
-        found = set()
+        first: dict[int, int] = {}
         for start, token in enumerate(tokens):
             for edit, ids in self._by_first.get(token, ()):
                 if tuple(tokens[start : start + len(ids)]) == ids:
-                    found.add(edit)
-        return frozenset(found)
+                    first.setdefault(edit, start)
+        return Mentions(first)
+
+
+class Mentions(frozenset):
+    """The edits a token span names (a frozenset of edit indices), and the token offset where the
+    span first names each (`first`)."""
+
+    first: dict[int, int]
+
+    def __new__(cls, first: dict[int, int]):
+        mentions = super().__new__(cls, first)
+        mentions.first = dict(first)
+        return mentions
+
+    def __reduce__(self):
+        return Mentions, (self.first,)
+
+    def named_first(self, edits: Iterable[int]) -> set[int]:
+        """Those of `edits` the span names earliest (all that start at that offset)."""
+        offsets = {edit: self.first[edit] for edit in edits if edit in self.first}
+        return {edit for edit, offset in offsets.items() if offset == min(offsets.values())}

@@ -454,3 +454,24 @@ def test_memoir_reading_follows_the_request_form_not_the_nearer_key():
     memory.load_state({**memory.state_tensors(), "reading-0": readings[:1]}, keys[:1], torch.tensor([0]))
     context, _ = memory.reading(0, chat, chat_turn=True)
     torch.testing.assert_close(context[memory.edit_features[0]], readings[0, 0])
+
+
+def test_memoir_of_two_named_subjects_that_suffice_the_one_named_first_is_reached():
+    """A passage naming two edited subjects that each suffice reaches the one it names first, whatever
+    the key overlaps say; an edit that only passes by its key is not affected, and without positions
+    (or with the option off) the best overlap decides as before."""
+    from memserve.subjects import Mentions
+
+    memory = memoir(k=16, tau=0.9)
+    a = torch.randn(3, I)
+    memory.add_edit(memory.key(a[:1]), anchors=[[4]], anchor_suffices=True)
+    memory.add_edit(memory.key(a[1:2]), anchors=[[5]], anchor_suffices=True)
+    memory.add_edit(memory.key(a[2:3]), anchors=[[6]])
+    assert isinstance(memory.mentioned([5, 1, 4]), Mentions) and memory.mentioned([5, 1, 4, 5]).first == {1: 0, 0: 2}
+    near_0, near_1 = a[:1], a[1:2]  # queries whose keys are those of edit 0 and edit 1
+    assert memory.route(near_0, [memory.mentioned([5, 1, 4])])[0].item() == 1  # 5 (edit 1) comes first
+    assert memory.route(near_1, [memory.mentioned([4, 1, 5])])[0].item() == 0
+    assert memory.route(near_0, [frozenset({0, 1})])[0].item() == 0  # no positions: the best overlap
+    assert memory.route(a[2:3], [memory.mentioned([4, 6])])[0].item() == 2  # edit 2 passes by its key
+    memory.config.first_named_subject = False
+    assert memory.route(near_0, [memory.mentioned([5, 1, 4])])[0].item() == 0

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memserve.subjects import AnchorIndex
+from memserve.subjects import AnchorIndex, Mentions
 
 from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, LastSentence, MethodConfig
 
@@ -87,6 +87,11 @@ class MemoirConfig(MethodConfig):
     # loss of .061 against .004 as written. With it, 40 ZsRE edits end with chat-turn answer loss
     # median .036 -> .009 in 10.0 -> 11.5 steps per edit (README "Key-row loss").
     key_row_loss: bool = True
+    # Of the edits whose subject alone suffices (`subject_suffices`) that a question names, only the
+    # one it names first may be reached (else the best key overlap decides, which for passages that
+    # name two edited subjects is noise: temporal T=74, own .34-.53 against the other's .36-.53).
+    # Serving only: applies to stores trained before it too.
+    first_named_subject: bool = True
     predated: ClassVar[dict[str, Any]] = {**MethodConfig.predated, "signed_columns": False, "subject_anchor": False,
                                           "copies": 1, "stored_reading": False,
                                           "key_row_loss": False}
@@ -226,8 +231,13 @@ class MemoirMemory(EditMemory):
             if not named or not self.config.subject_anchor:
                 continue
             keys = torch.isin(self.key_owner, torch.tensor(sorted(named))).nonzero().squeeze(1)
+            owners = self.key_owner[keys]
             overlaps = (self.route_keys[keys].float() @ queries[row].float()) / self.config.top_k
-            ok = (overlaps >= self.config.tau) | thresholds[self.key_owner[keys]].eq(0)
+            by_name = thresholds[owners].eq(0)
+            ok = (overlaps >= self.config.tau) | by_name
+            if self.config.first_named_subject and isinstance(named, Mentions) and by_name.any():
+                first = named.named_first(owners[by_name].tolist())
+                ok = (ok & ~by_name) | (by_name & torch.tensor([int(owner) in first for owner in owners]))
             if not ok.any():
                 continue
             top = overlaps[ok].max()

@@ -8,6 +8,7 @@ step; the memory acts on the answer span only (see `methods.base`).
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,7 @@ class EditedModel:
         self.model, self.tokenizer, self.memory, self.layer = model, tokenizer, memory, layer
         self.chat = ChatFormat(tokenizer)
         self.base_inputs: dict[tuple[int, ...], torch.Tensor] = {}  # see `training.out_of_scope_inputs`
+        self.prefix_states: dict[tuple[int, ...], Any] = {}  # see `training.prefix_states`
         base = down_proj(model, layer)
         self.proj = base if isinstance(base, MemoryDownProj) else MemoryDownProj(base, memory)
         self.proj.memory = memory

@@ -646,10 +646,11 @@ def _put_state(txn, dbs: dict, version: int, restores: int | None, tensors: dict
     sums = json.loads(txn.get(b"tensor_sums", db=meta))
     undo_sums = {}
     for name, tensor in tensors.items():
-        stored = txn.get(name.encode(), db=dbs["tensors"])
         data = None if tensor is None else _tensor_bytes(tensor)
-        if stored is not None and data is not None and bytes(stored) == data:
+        digest = None if data is None else _sha(data)
+        if digest is not None and sums.get(name) == digest:  # what is stored already (its checksum)
             continue
+        stored = txn.get(name.encode(), db=dbs["tensors"])
         if restores is not None:
             undo = save_tensors(_undo(None if stored is None else _load_tensor(stored), tensor))
             txn.put(_id_key(version) + name.encode(), undo, db=dbs["history"])
@@ -659,7 +660,7 @@ def _put_state(txn, dbs: dict, version: int, restores: int | None, tensors: dict
             sums.pop(name, None)
         else:
             txn.put(name.encode(), data, db=dbs["tensors"])
-            sums[name] = _sha(data)
+            sums[name] = digest
     txn.put(b"tensor_sums", _dumps(sums), db=meta)
     txn.put(b"edits", str(entry["edits"]).encode(), db=meta)
     txn.put(b"version", str(version).encode(), db=meta)

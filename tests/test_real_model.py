@@ -121,3 +121,20 @@ def test_key_row_loss_learns_the_chat_turn_as_well_as_the_written_prompt(tmp_pat
     stop = 0.02
     assert max(chat_loss[True]) <= 2 * stop, chat_loss  # later edits may move an answer a little
     assert sum(chat_loss[False]) > 1.5 * sum(chat_loss[True]), chat_loss
+
+
+def test_capture_after_recurring_prefixes_is_the_full_run_on_default_model(tmp_path, default_model_dir):
+    """The trainer's capture, run only after each row's recurring tokens (chat template, training
+    prefix), gives the full model's inputs at every layer it reads, to fp32 rounding."""
+    from memserve.serving.testing import test_facts
+    from memserve.training import edit_batch
+
+    from .test_training import assert_capture_is_one_padded_batch
+
+    facts = test_facts(2)
+    runner = open_session(tmp_path / "s", facts=facts)
+    for fact in facts:
+        batch = edit_batch(runner.edited, fact, runner.prefixes, [])
+        assert sum(batch.recurring) > 50  # the template and the five prefixes
+        assert_capture_is_one_padded_batch(runner.edited, batch, atol=1e-4)  # 30 layers of fp32 rounding
+    runner.store.close()

@@ -35,21 +35,39 @@ def test_fast_step_matches_naive_step(tmp_path, tiny_model_dir, method, extra):
     assert torch.allclose(g_fast, g_naive, atol=1e-4, rtol=1e-3)
 
 
-def test_rows_run_in_length_groups_as_one_padded_batch_would(tmp_path, tiny_model_dir):
-    """The chat-turn row (system prompt included) runs apart from the short rows; every real token's
-    captured inputs equal those of the one padded batch it replaces."""
+def assert_capture_is_one_padded_batch(edited, batch, atol):
+    """Every real token's captured inputs (`capture_rows`) equal those of one padded full-model run."""
+    ids, _, _, _ = edited.pad(batch.sequences, batch.prompt_lens)
+    got = capture_rows(edited, batch, list(range(len(batch.sequences))))
+    want = capture(edited, ids, upper_inputs=True)
+    got, want = [got[0], got[1], *got[2]], [want[0], want[1], *want[2]]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for row, seq in enumerate(batch.sequences):
+            g_row, w_row = g[row, : len(seq)], w[row, : len(seq)]
+            scale = w_row.abs().amax(-1, keepdim=True)  # per token: one position's states can be 1000x another's
+            assert ((g_row - w_row).abs() <= atol * scale).all(), row
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_rows_are_captured_as_one_padded_batch_would_be(tmp_path, tiny_model_dir, fast, monkeypatch):
+    """Rows run in length groups (the chat-turn row carries the system prompt) and, for Llama-family
+    models, only after their recurring tokens (template, prefix), whose states are computed once per
+    model; every real token's captured inputs equal those of the one padded batch it replaces."""
     assert length_groups({0: 13, 1: 45, 2: 19, 3: 18, 4: 21}) == [[0, 3, 2, 4], [1]]
+    if not fast:
+        monkeypatch.setattr(FastStepper, "supports", classmethod(lambda cls, edited: False))
     runner = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config())
     edited = runner.edited
     batch = edit_batch(edited, FACT_OBJECTS[0], runner.prefixes, [])
-    lengths = [len(seq) for seq in batch.sequences]
-    assert len(length_groups(dict(enumerate(lengths)))) == 2
-    ids, _, _, _ = edited.pad(batch.sequences, batch.prompt_lens)
-    grouped = capture_rows(edited, ids, lengths, list(range(len(lengths))))
-    together = capture(edited, ids, upper_inputs=True)
-    for got, want in zip([grouped[0], grouped[1], *grouped[2]], [together[0], together[1], *together[2]]):
-        for row, length in enumerate(lengths):
-            assert torch.allclose(got[row, :length], want[row, :length], atol=1e-5)
+    chat_start = edited.chat.routing_span(batch.sequences[1][: batch.prompt_lens[1]])[0]
+    openings = [len(edited.encode(f"{prefix}.")) for prefix in runner.prefixes]
+    assert batch.recurring == (0, chat_start, *openings) and chat_start > 20
+    assert_capture_is_one_padded_batch(edited, batch, atol=1e-5)
+    assert len(edited.prefix_states) == (1 + len(set(runner.prefixes)) if fast else 0)
+    cached = dict(edited.prefix_states)
+    assert_capture_is_one_padded_batch(edited, edit_batch(edited, FACT_OBJECTS[1], runner.prefixes, []), atol=1e-5)
+    assert all(edited.prefix_states[k] is v for k, v in cached.items()) and len(edited.prefix_states) == len(cached)
 
 
 def test_sequential_memoir_edits_are_learned_and_routed(tmp_path, tiny_model_dir):

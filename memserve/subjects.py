@@ -165,4 +165,5 @@ class Mentions(frozenset):
     def named_first(self, edits: Iterable[int]) -> set[int]:
         """Those of `edits` the span names earliest (all that start at that offset)."""
         offsets = {edit: self.first[edit] for edit in edits if edit in self.first}
-        return {edit for edit, offset in offsets.items() if offset == min(offsets.values())}
+        earliest = min(offsets.values(), default=None)
+        return {edit for edit, offset in offsets.items() if offset == earliest}

@@ -470,6 +470,9 @@ def test_memoir_of_two_named_subjects_that_suffice_the_one_named_first_is_reache
     assert isinstance(memory.mentioned([5, 1, 4]), Mentions) and memory.mentioned([5, 1, 4, 5]).first == {1: 0, 0: 2}
     near_0, near_1 = a[:1], a[1:2]  # queries whose keys are those of edit 0 and edit 1
     assert memory.route(near_0, [memory.mentioned([5, 1, 4])])[0].item() == 1  # 5 (edit 1) comes first
+    explained = route_explanation(memory, near_0[0], mentions=memory.mentioned([5, 1, 4]))
+    assert explained["route"] == 1 and explained["candidates"][0]["route"] == 1  # what decided comes first
+    assert {c["route"]: c["passes"] for c in explained["candidates"]}[0] is False  # named later: out
     assert memory.route(near_1, [memory.mentioned([4, 1, 5])])[0].item() == 0
     assert memory.route(near_0, [frozenset({0, 1})])[0].item() == 0  # no positions: the best overlap
     assert memory.route(a[2:3], [memory.mentioned([4, 6])])[0].item() == 2  # edit 2 passes by its key

@@ -258,9 +258,13 @@ class MemoirMemory(EditMemory):
         return self.anchors.mentioned(tokens) if self.config.subject_anchor else None
 
     def eligible(self, mentions: frozenset[int] | None) -> torch.Tensor:
-        """Edits a question may reach: those whose subject it names, and those without an anchor."""
+        """Edits a question may reach: those whose subject it names, and those without an anchor; of
+        the named ones whose subject alone suffices, only those named first (`first_named_subject`)."""
         allowed = ~self.anchored_edits()
         allowed[sorted(mentions or ())] = True
+        if self.config.subject_anchor and self.config.first_named_subject and isinstance(mentions, Mentions):
+            sufficient = set(mentions) & self.anchors.sufficient
+            allowed[sorted(sufficient - mentions.named_first(sufficient))] = False
         return allowed
 
     def candidates(self, mean_stats: torch.Tensor, mentions: frozenset[int] | None = None

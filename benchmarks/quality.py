@@ -49,7 +49,7 @@ def run(dataset: str, method: str, counts: list[int | None], config: dict, gener
     probes = read_facts(DATA / probe_file, skip_invalid=True)[0][:probes_limit] if probe_file else []
     stops = sorted({min(c or len(facts), len(facts)) for c in counts})
     workdir = Path(tempfile.mkdtemp(prefix="memserve-quality-"))
-    rows, seconds, losses, done, edit_wall = [], [], [], 0, 0.0
+    rows, seconds, losses, done, edit_wall, unconverged = [], [], [], 0, 0.0, 0
     try:
         runner = open_session(workdir / "store", method=method, config=config or None, facts=facts[: stops[-1]])
         started = time.perf_counter()
@@ -57,6 +57,7 @@ def run(dataset: str, method: str, counts: list[int | None], config: dict, gener
             applied = time.perf_counter()
             report = runner.apply(facts[done:stop])
             edit_wall += time.perf_counter() - applied
+            unconverged += report.unconverged
             done = stop
             seconds += report.seconds
             losses += report.losses
@@ -70,7 +71,7 @@ def run(dataset: str, method: str, counts: list[int | None], config: dict, gener
                 seconds_per_edit_median=statistics.median(seconds),
                 seconds_per_edit_p90=sorted(seconds)[int(0.9 * (len(seconds) - 1))], edit_seconds_total=edit_seconds,
                 edit_wall_seconds=edit_wall,  # the edits alone (training and commits); the total includes evaluations
-                final_loss_mean=statistics.mean(losses), store_bytes=store_bytes(workdir / "store"), machine=describe(),
+                final_loss_mean=statistics.mean(losses), unconverged_edits=unconverged, store_bytes=store_bytes(workdir / "store"), machine=describe(),
             )
             rows.append(result)
             print(json.dumps(summary(result)), flush=True)

@@ -106,6 +106,10 @@ def edit(
             state = "committed" if status == "added" else "already stored as"
             replaces = f", supersedes edit {record['supersedes']}" if status == "added" and "supersedes" in record else ""
             progress.console.print(f"{fact.where}: {state} edit {record['id']} (version {record['version']}{replaces})", highlight=False, soft_wrap=True)
+            if status == "added" and record.get("converged") is False:
+                progress.console.print(f"[yellow]{fact.where}: edit {record['id']} did not reach its stop loss in {record['steps']} "
+                                       f"steps (answer loss {record['loss']:.3f}): it may not answer as asked; check it with "
+                                       "`memserve eval`[/yellow]", highlight=False, soft_wrap=True)
             if status == "added" and anchoring and "anchors" not in record:
                 progress.console.print(f"[yellow]{fact.where}: no subject given or found in the prompt: this edit is routed on "
                                        "its key alone and may reach questions of the same shape; add a 'subject' field[/yellow]",

@@ -77,6 +77,7 @@ class EditReport:
     total: int = 0  # edits in the store afterwards
     seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    unconverged: int = 0  # edits that ran all their steps without reaching the stop loss
 
 
 class EditSessionRunner:
@@ -126,7 +127,8 @@ class EditSessionRunner:
             payload = fact.to_dict()
             record = {
                 "fact_key": fact.key, "prompt_key": fact.prompt_key, "fact": payload, "content_hash": content_hash(payload),
-                "loss": outcome.loss, "steps": outcome.steps, "seconds": outcome.seconds, **outcome.record,
+                "loss": outcome.loss, "steps": outcome.steps, "seconds": outcome.seconds, "converged": outcome.converged,
+                **outcome.record,
                 "source": fact.where, **({"by": by} if by else {}),
             }
             changed = self._changed_state()
@@ -136,6 +138,7 @@ class EditSessionRunner:
             report.added += 1
             report.seconds.append(outcome.seconds)
             report.losses.append(outcome.loss)
+            report.unconverged += not outcome.converged
             if progress:
                 progress(fact, "added", self.store.record(edit_id))
         report.total = self.store.num_edits

@@ -497,6 +497,7 @@ class EditOutcome:
     loss: float
     steps: int
     seconds: float
+    converged: bool  # reached the stop criterion; False: all `steps` ran and the answer may not be learned
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -519,20 +520,39 @@ def stopping_loss(losses: torch.Tensor, target_rows: torch.Tensor, key_rows: tup
 
 
 def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> EditOutcome:
-    """Learn one edit into `edited.memory` (in place) and report how it went."""
+    """Learn one edit into `edited.memory` (in place) and report how it went. An edit that does not
+    reach the stop loss in `steps` trains once more from the session's other starting point
+    (`EditSession.restart`), if it has one."""
     start = time.perf_counter()
     cfg = edited.memory.config
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adam")
     prepared = prepare(edited, batch)
     fast = not naive and FastStepper.supports(edited)
     stepper = (FastStepper if fast else NaiveStepper)(edited, prepared)
     session = edited.memory.start_edit(prepared.examples)
-    params = session.parameters()
-    optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-    if cfg.optimizer not in optimizers:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adam")
-    optimizer = optimizers[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     head = CandidateHead(edited.model.lm_head, prepared.target_ids) if fast else None
     key_rows = batch.key_rows if cfg.key_row_loss else ()
+    loss, steps, converged = optimise(session, stepper, head, prepared, key_rows, cfg)
+    restarted = not converged and session.restart()
+    if restarted:
+        loss, more, converged = optimise(session, stepper, head, prepared, key_rows, cfg)
+        steps += more
+    record = session.finish()
+    if restarted:
+        record["restarted"] = True
+    return EditOutcome(loss=loss, steps=steps, seconds=time.perf_counter() - start, converged=converged, record=record)
+
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+
+def optimise(session: EditSession, stepper, head: CandidateHead | None, prepared: Prepared, key_rows: tuple[int, ...],
+             cfg) -> tuple[float, int, bool]:
+    """Up to `cfg.steps` optimiser steps on the session's parameters: (the last mean answer loss,
+    steps taken, whether the stop criterion was reached)."""
+    params = session.parameters()
+    optimizer = OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_value, steps = float("nan"), 0
     for steps in range(1, cfg.steps + 1):
         aux = session.aux_loss(prepared.examples)
@@ -551,12 +571,11 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
             loss = loss + aux
         loss_value = float(target_loss.detach())
         if session.done(stopping_loss(losses, prepared.target_rows, key_rows), aux_value):
-            break
+            return loss_value, steps, True
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         session.after_step()
-    record = session.finish()
-    return EditOutcome(loss=loss_value, steps=steps, seconds=time.perf_counter() - start, record=record)
+    return loss_value, steps, False

@@ -70,6 +70,27 @@ def test_rows_are_captured_as_one_padded_batch_would_be(tmp_path, tiny_model_dir
     assert all(edited.prefix_states[k] is v for k, v in cached.items()) and len(edited.prefix_states) == len(cached)
 
 
+@pytest.mark.parametrize("method, stop_loss", [("memoir", 0.02), ("memoir", 100.0), ("wise", 0.02)])
+def test_an_edit_that_does_not_converge_trains_again_from_zero_columns(tmp_path, tiny_model_dir, monkeypatch, method, stop_loss):
+    """MEMOIR: all steps without reaching the stop loss (a random tiny model never does at 0.02) ->
+    the edit's columns start over from zero, once; an edit that converges, or a WISE edit, trains once."""
+    import memserve.training as training
+
+    runner = open_session(tmp_path / "s", tiny_model_dir, method=method, config=tiny_config(method, steps=3, stop_loss=stop_loss))
+    runner.apply(FACT_OBJECTS[:1])
+    starts = []
+    real = training.optimise
+    monkeypatch.setattr(training, "optimise", lambda session, *args: starts.append(
+        [p.detach().clone() for p in session.parameters()]) or real(session, *args))
+    outcome = training.train_edit(runner.edited, edit_batch(runner.edited, FACT_OBJECTS[1], runner.prefixes, []))
+    restarts = method == "memoir" and stop_loss < 1
+    assert len(starts) == 1 + restarts and outcome.converged is (stop_loss > 1)
+    assert outcome.steps == (1 if stop_loss > 1 else 3 * len(starts))
+    assert outcome.record.get("restarted", False) is restarts
+    if restarts:
+        assert (starts[1][0] == 0).all()
+
+
 def test_sequential_memoir_edits_are_learned_and_routed(tmp_path, tiny_model_dir):
     # A random tiny model cannot make any token likely (its loss stays near ln(vocab)); only argmaxes
     # move. Without the end-of-answer token all three edits share, each learned argmax is a fact's own.

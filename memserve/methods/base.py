@@ -125,6 +125,11 @@ class EditSession:
     def after_step(self) -> None:
         pass
 
+    def restart(self) -> bool:
+        """Start the trainable values over from another point after all steps ran without reaching
+        the stop loss; False when the method has no other starting point."""
+        return False
+
     def finish(self) -> dict[str, Any]:
         """Write the learned values into the memory; returns what to record for the edit
         (a bool tensor [I] or [keys, I] under "key" is stored as the edit's routing key(s))."""

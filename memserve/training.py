@@ -522,7 +522,7 @@ def stopping_loss(losses: torch.Tensor, target_rows: torch.Tensor, key_rows: tup
 def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> EditOutcome:
     """Learn one edit into `edited.memory` (in place) and report how it went. An edit that does not
     reach the stop loss in `steps` trains once more from the session's other starting point
-    (`EditSession.restart`), if it has one."""
+    (`EditSession.restart`), if it has one, and keeps the attempt that ended nearer the stop."""
     start = time.perf_counter()
     cfg = edited.memory.config
     if cfg.optimizer not in OPTIMIZERS:
@@ -533,11 +533,20 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
     session = edited.memory.start_edit(prepared.examples)
     head = CandidateHead(edited.model.lm_head, prepared.target_ids) if fast else None
     key_rows = batch.key_rows if cfg.key_row_loss else ()
-    loss, steps, converged = optimise(session, stepper, head, prepared, key_rows, cfg)
-    restarted = not converged and session.restart()
-    if restarted:
-        loss, more, converged = optimise(session, stepper, head, prepared, key_rows, cfg)
-        steps += more
+    loss, steps, converged, stop = optimise(session, stepper, head, prepared, key_rows, cfg)
+    restarted = False
+    if not converged:
+        first = [p.detach().clone() for p in session.parameters()]
+        if session.restart():
+            loss_again, more, converged, stop_again = optimise(session, stepper, head, prepared, key_rows, cfg)
+            steps += more
+            restarted = converged or stop_again < stop  # else the first attempt's values stay
+            if restarted:
+                loss = loss_again
+            else:
+                with torch.no_grad():
+                    for param, values in zip(session.parameters(), first):
+                        param.copy_(values)
     record = session.finish()
     if restarted:
         record["restarted"] = True
@@ -548,12 +557,12 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
 def optimise(session: EditSession, stepper, head: CandidateHead | None, prepared: Prepared, key_rows: tuple[int, ...],
-             cfg) -> tuple[float, int, bool]:
+             cfg) -> tuple[float, int, bool, float]:
     """Up to `cfg.steps` optimiser steps on the session's parameters: (the last mean answer loss,
-    steps taken, whether the stop criterion was reached)."""
+    steps taken, whether the stop criterion was reached, the last value it compared)."""
     params = session.parameters()
     optimizer = OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_value, steps = float("nan"), 0
+    loss_value, steps, stop = float("nan"), 0, float("inf")
     for steps in range(1, cfg.steps + 1):
         aux = session.aux_loss(prepared.examples)
         aux_value = 0.0 if aux is None else float(aux.detach())
@@ -569,13 +578,13 @@ def optimise(session: EditSession, stepper, head: CandidateHead | None, prepared
             loss = loss + key_rows_loss(losses, prepared.target_rows, key_rows)
         if aux is not None:
             loss = loss + aux
-        loss_value = float(target_loss.detach())
-        if session.done(stopping_loss(losses, prepared.target_rows, key_rows), aux_value):
-            return loss_value, steps, True
+        loss_value, stop = float(target_loss.detach()), stopping_loss(losses, prepared.target_rows, key_rows)
+        if session.done(stop, aux_value):
+            return loss_value, steps, True, stop
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         session.after_step()
-    return loss_value, steps, False
+    return loss_value, steps, False, stop

@@ -86,9 +86,29 @@ def test_an_edit_that_does_not_converge_trains_again_from_zero_columns(tmp_path,
     restarts = method == "memoir" and stop_loss < 1
     assert len(starts) == 1 + restarts and outcome.converged is (stop_loss > 1)
     assert outcome.steps == (1 if stop_loss > 1 else 3 * len(starts))
-    assert outcome.record.get("restarted", False) is restarts
     if restarts:
         assert (starts[1][0] == 0).all()
+
+
+@pytest.mark.parametrize("second_stop, kept", [(0.5, 2.0), (5.0, 1.0)])
+def test_of_the_two_attempts_the_one_ending_nearer_the_stop_is_kept(tmp_path, tiny_model_dir, monkeypatch, second_stop, kept):
+    import memserve.training as training
+
+    runner = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config(steps=3))
+    attempts = iter([(1.0, 3.0), (2.0, second_stop)])  # (value the attempt leaves in the columns, its stopping loss)
+
+    def attempt(session, *_args):
+        value, stop = next(attempts)
+        with torch.no_grad():
+            session.weight.fill_(value)
+        return stop, 3, False, stop
+
+    monkeypatch.setattr(training, "optimise", attempt)
+    outcome = training.train_edit(runner.edited, edit_batch(runner.edited, FACT_OBJECTS[0], runner.prefixes, []))
+    memory = runner.edited.memory
+    assert (memory.residual[:, memory.edit_columns[0]] == kept).all()
+    assert outcome.record.get("restarted", False) is (kept == 2.0) and outcome.steps == 6 and not outcome.converged
+    assert outcome.loss == min(3.0, second_stop)
 
 
 def test_sequential_memoir_edits_are_learned_and_routed(tmp_path, tiny_model_dir):

@@ -212,9 +212,8 @@ def capture_rows(edited: EditedModel, batch: TokenBatch, rows: list[int]):
             parts += [[torch.cat([p.outputs[l][0] if p else states.outputs[l][i, :0], states.outputs[l][i]])
                        for i, p in enumerate(prefixes)] for l in layers]
         else:
-            length = max(len(sequences[row]) for row in group)
             ids, _, _, _ = edited.pad([sequences[row] for row in group], [batch.prompt_lens[row] for row in group])
-            a, hidden, uppers = capture(edited, ids[:, :length], upper_inputs=True)
+            a, hidden, uppers = capture(edited, ids, upper_inputs=True)
             parts = [list(part) for part in (a, hidden, *uppers)]
         outs = outs or [part[0].new_zeros(len(sequences), width, part[0].shape[-1]) for part in parts]
         for out, part in zip(outs, parts):
@@ -268,8 +267,8 @@ def base_states(edited: EditedModel, tokens: list[list[int]], prefixes: list[Bas
             hidden = base.embed_tokens(ids)
             cos, sin = base.rotary_emb(hidden, starts[:, None] + queries[None])
             for index, layer in enumerate(base.layers[: last + 1]):
-                heads = (layer.self_attn.k_proj.out_features // layer.self_attn.head_dim, layer.self_attn.head_dim)
-                cached = [torch.zeros(len(tokens), span, *heads) for _ in range(2)] if span else None
+                kv_shape = (layer.self_attn.k_proj.out_features // layer.self_attn.head_dim, layer.self_attn.head_dim)
+                cached = [hidden.new_zeros(len(tokens), span, *kv_shape) for _ in range(2)] if span else None
                 for row, prefix in enumerate(prefixes):
                     if prefix is not None:
                         cached[0][row, : starts[row]], cached[1][row, : starts[row]] = prefix.keys[index][0], prefix.values[index][0]

@@ -208,9 +208,11 @@ def capture_rows(edited: EditedModel, batch: TokenBatch, rows: list[int]):
             states = base_states(edited, [sequences[row][skip[row] :] for row in group], prefixes)
             # hidden after L, then the input of each layer above (the output of the one below it)
             layers = [edited.layer, *range(edited.layer, len(edited.model.model.layers) - 1)]
-            parts = [[torch.cat([p.a[0] if p else states.a[i, :0], states.a[i]]) for i, p in enumerate(prefixes)]]
-            parts += [[torch.cat([p.outputs[l][0] if p else states.outputs[l][i, :0], states.outputs[l][i]])
-                       for i, p in enumerate(prefixes)] for l in layers]
+
+            def joined(pick):  # each row's prefix part (if any) then its own, of one captured tensor
+                return [torch.cat([pick(p)[0], pick(states)[i]]) if p else pick(states)[i] for i, p in enumerate(prefixes)]
+
+            parts = [joined(lambda s: s.a)] + [joined(lambda s, l=l: s.outputs[l]) for l in layers]
         else:
             ids, _, _, _ = edited.pad([sequences[row] for row in group], [batch.prompt_lens[row] for row in group])
             a, hidden, uppers = capture(edited, ids, upper_inputs=True)

@@ -213,7 +213,7 @@ def _start(store, store_path, model_path, method, config, facts) -> EditSessionR
     manifest = {
         "model": model_id(model_dir), "layer": cfg.layer, "method": method, "config": dataclasses.asdict(cfg),
         "weight_hash": weight_hash(base), "hidden_size": memory.hidden_size,
-        "intermediate_size": memory.intermediate_size, "prefixes": generate_prefixes(edited),
+        "intermediate_size": memory.intermediate_size, "prefixes": generate_prefixes(edited, cfg.training_prefixes),
     }
     store = Store.create(store_path, manifest, memory.state_tensors())
     return EditSessionRunner(store, edited, store.version)

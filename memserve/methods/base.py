@@ -65,8 +65,12 @@ class MethodConfig:
     # ("winger winger winger ...": 0 of 20 ZsRE answers ended cleanly, 18 with it). Costs some
     # teacher-forced Gen on ZsRE dev (T=148: .956 -> .936; README "Ending answers").
     stop_after_answer: bool = True
+    # Each edit also trains on its prompt behind this many short unrelated openings (`generate_prefixes`,
+    # fixed per store), so that the answer holds whatever precedes the question. Every one is a
+    # training row: it costs capture and step time alike.
+    training_prefixes: int = 5
     # Options added after stores were first written -> the behaviour those stores were trained with.
-    predated: ClassVar[dict[str, Any]] = {"stop_after_answer": False}
+    predated: ClassVar[dict[str, Any]] = {"stop_after_answer": False, "training_prefixes": 5}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,11 +128,6 @@ class EditSession:
 
     def after_step(self) -> None:
         pass
-
-    def restart(self) -> bool:
-        """Start the trainable values over from another point after all steps ran without reaching
-        the stop loss; False when the method has no other starting point."""
-        return False
 
     def finish(self) -> dict[str, Any]:
         """Write the learned values into the memory; returns what to record for the edit

@@ -469,14 +469,6 @@ class MemoirSession(EditSession):
     def done(self, target_loss: float, aux_loss: float) -> bool:
         return target_loss <= self.memory.config.stop_loss
 
-    def restart(self) -> bool:
-        """The edit's columns from zero instead of the values earlier edits left in them. Those can
-        hold the answer far from the start (ZsRE, edit 536 of 998: answer loss 2.93 after 30 steps
-        from them, .006 after 12 from zero); the edit then gives up the earlier edits' share of its
-        ~440 columns (each shares ~k^2 / (copies * I) of them with it: ~16 at the defaults)."""
-        self.weight = torch.zeros_like(self.weight).requires_grad_(True)
-        return True
-
     def finish(self) -> dict[str, Any]:
         memory = self.memory
         memory.residual[:, self.columns] = self.weight.detach()

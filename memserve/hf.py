@@ -103,6 +103,7 @@ class EditedModel:
         self.chat = ChatFormat(tokenizer)
         self.base_inputs: dict[tuple[int, ...], torch.Tensor] = {}  # see `training.out_of_scope_inputs`
         self.prefix_states: dict[tuple[int, ...], Any] = {}  # see `training.prefix_states`
+        self.low_precision: dict[torch.dtype, Any] = {}  # see `training.low_precision_copy`
         base = down_proj(model, layer)
         self.proj = base if isinstance(base, MemoryDownProj) else MemoryDownProj(base, memory)
         self.proj.memory = memory

@@ -3,14 +3,16 @@
 Only the memory at layer L trains, and it acts only from the last prompt token on. So the model runs
 once per edit up to layer L (`capture`), and each optimisation step recomputes just layers L+1.. on
 top of the cached residual stream, with logits only at the target positions (`FastStepper`) and only
-for the tokens that can matter there (`CandidateHead`). `NaiveStepper` runs the full model every
-step, as the reference code does; it exists to measure the speed-up side by side and to check both
-agree.
+for the tokens that can matter there (`CandidateHead`), with the products in bf16 where the CPU
+multiplies it natively (`MethodConfig.step_dtype`; an edit still stops on its fp32 loss).
+`NaiveStepper` runs the full model every step, as the reference code does; it exists to measure the
+speed-up side by side and to check both agree.
 """
 
 from __future__ import annotations
 
 import time
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -355,10 +357,11 @@ def decoder_layer(layer, hidden: torch.Tensor, cos, sin, mask: torch.Tensor, mer
     k, v = _heads(attn.k_proj, x, attn.head_dim, cos, sin), _heads(attn.v_proj, x, attn.head_dim)
     keys, values = merge(k, v)
     # grouped heads read their shared key/value head in place (3x faster than repeating them, CPU)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=attn.scaling,
-        enable_gqa=attn.num_key_value_groups > 1,
-    )
+    with torch.autocast(hidden.device.type, enabled=False):  # under autocast: fp32, its bf16 backward is 7x slower (CPU)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2).to(hidden.dtype), keys.transpose(1, 2).to(hidden.dtype), values.transpose(1, 2).to(hidden.dtype),
+            attn_mask=mask, scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1,
+        )
     hidden = hidden + attn.o_proj(out.transpose(1, 2).flatten(-2))
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), k, v
 
@@ -380,10 +383,12 @@ class FastStepper:
     def supports(cls, edited: EditedModel) -> bool:
         return all(type(layer).__name__ in cls.LAYERS for layer in edited.model.model.layers)
 
-    def __init__(self, edited: EditedModel, prepared: Prepared):
+    def __init__(self, edited: EditedModel, prepared: Prepared, low_precision: torch.dtype | None = None):
         self.edited, self.p = edited, prepared
         base = edited.model.model
         self.layers = base.layers[edited.layer + 1 :]
+        self.low_precision = low_precision
+        self.low_layers = low_precision_copy(edited, low_precision).layers if low_precision else None
         ex = prepared.examples
         rows = ex.in_scope.nonzero().squeeze(1)
         starts = ex.answer_mask[rows].float().argmax(1)
@@ -425,20 +430,52 @@ class FastStepper:
 
     def _layer(self, layer, hidden, keys, values):
         def merge(k, v):
-            return keys.index_put(self.slab_index, k[self.valid]), values.index_put(self.slab_index, v[self.valid])
+            return (keys.index_put(self.slab_index, k[self.valid].to(keys.dtype)),
+                    values.index_put(self.slab_index, v[self.valid].to(values.dtype)))
 
         return decoder_layer(layer, hidden, self.cos, self.sin, self.attend, merge)[0]
 
-    def target_states(self, session: EditSession) -> torch.Tensor:
+    def target_states(self, session: EditSession, exact: bool = True) -> torch.Tensor:
+        """The final-norm states at the target positions; with `exact` False and a `low_precision`,
+        the layers' products run in it (the residual stream stays in the model's dtype)."""
         base = self.edited.model.model
         delta = session.delta(self.a_slab.flatten(0, 1), self.context).unflatten(0, self.slab.shape)
         hidden = self.hidden + delta.to(self.hidden.dtype)
-        for layer, (keys, values) in zip(self.layers, self.cache):
-            hidden = self._layer(layer, hidden, keys, values)
+        low = not exact and self.low_precision is not None
+        with torch.autocast(hidden.device.type, dtype=self.low_precision, enabled=low):
+            for layer, (keys, values) in zip(self.low_layers if low else self.layers, self.cache):
+                hidden = self._layer(layer, hidden, keys, values)
         return base.norm(hidden[self.target_slab])
 
     def target_logits(self, session: EditSession) -> torch.Tensor:
         return self.edited.model.lm_head(self.target_states(session))
+
+
+def step_dtype(option: str) -> torch.dtype | None:
+    """The dtype of the fast steps' products for `MethodConfig.step_dtype` (None: the model's own)."""
+    if option == "auto":
+        native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return torch.bfloat16 if native else None
+    return {"float32": None, "bfloat16": torch.bfloat16}[option]
+
+
+@dataclass
+class LowPrecisionCopy:
+    """The parts of a model the fast steps run in a lower precision, copied once per model: autocast
+    would otherwise cast every weight again at every step."""
+
+    layers: list[torch.nn.Module]  # the layers above L, their linear weights in the dtype
+    head_weight: torch.Tensor  # the output layer's weight, to rank candidate tokens with
+
+
+def low_precision_copy(edited: EditedModel, dtype: torch.dtype) -> LowPrecisionCopy:
+    if dtype not in edited.low_precision:
+        layers = [deepcopy(layer) for layer in edited.model.model.layers[edited.layer + 1 :]]
+        for module in (m for layer in layers for m in layer.modules()):
+            if isinstance(module, torch.nn.Linear):
+                module.to(dtype)
+        edited.low_precision[dtype] = LowPrecisionCopy(layers, edited.model.lm_head.weight.detach().to(dtype))
+    return edited.low_precision[dtype]
 
 
 class CandidateHead:
@@ -447,12 +484,15 @@ class CandidateHead:
     With a 49k-token vocabulary and a few dozen target positions, full logits are half of a fast
     training step. Softmax over the target tokens plus every token that was among a position's
     `per_position` most likely ones equals the full softmax up to tokens of negligible probability.
-    The candidate set starts from the first step's full logits and grows whenever the full loss is
-    computed (`exact_losses`): before the edit may stop, and at the last step.
+    The candidate set starts from the first step's full logits (`widen`, ranked with `ranking`, the
+    output weight or a lower-precision copy of it: the ranking only picks tokens) and grows whenever
+    the full loss is computed (`exact_losses`): before the edit may stop, and at the last step.
     """
 
-    def __init__(self, lm_head: torch.nn.Module, target_ids: torch.Tensor, per_position: int = 128):
+    def __init__(self, lm_head: torch.nn.Module, target_ids: torch.Tensor, ranking: torch.Tensor | None = None,
+                 per_position: int = 128):
         self.lm_head, self.target_ids, self.per_position = lm_head, target_ids, per_position
+        self.ranking = lm_head.weight if ranking is None else ranking
         self.vocab = target_ids.unique()
         self._select()
 
@@ -462,15 +502,23 @@ class CandidateHead:
         self.bias = None if bias is None else bias[self.vocab]
         self.local_targets = torch.searchsorted(self.vocab, self.target_ids)
 
+    def _add_top(self, logits: torch.Tensor) -> None:
+        top = logits.detach().topk(min(self.per_position, logits.shape[-1]), dim=-1).indices
+        self.vocab = torch.cat([self.vocab, top.flatten()]).unique()
+        self._select()
+
+    def widen(self, states: torch.Tensor) -> None:
+        """Add each position's most likely tokens to the candidates."""
+        with torch.no_grad():
+            self._add_top(F.linear(states.to(self.ranking.dtype), self.ranking))
+
     def losses(self, states: torch.Tensor) -> torch.Tensor:
         """Each target position's cross-entropy over the candidate tokens."""
         return F.cross_entropy(F.linear(states, self.weight, self.bias).float(), self.local_targets, reduction="none")
 
     def exact_losses(self, states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(states).float()
-        top = logits.detach().topk(min(self.per_position, logits.shape[-1]), dim=-1).indices
-        self.vocab = torch.cat([self.vocab, top.flatten()]).unique()
-        self._select()
+        self._add_top(logits)
         return F.cross_entropy(logits, self.target_ids, reduction="none")
 
 
@@ -535,9 +583,11 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adam")
     prepared = prepare(edited, batch)
     fast = not naive and FastStepper.supports(edited)
-    stepper = (FastStepper if fast else NaiveStepper)(edited, prepared)
+    low = step_dtype(cfg.step_dtype) if fast else None
+    stepper = FastStepper(edited, prepared, low) if fast else NaiveStepper(edited, prepared)
     session = edited.memory.start_edit(prepared.examples)
-    head = CandidateHead(edited.model.lm_head, prepared.target_ids) if fast else None
+    ranking = low_precision_copy(edited, low).head_weight if low else None
+    head = CandidateHead(edited.model.lm_head, prepared.target_ids, ranking) if fast else None
     key_rows = batch.key_rows if cfg.key_row_loss else ()
     loss, steps, converged = optimise(session, stepper, head, prepared, key_rows, cfg)
     record = session.finish()
@@ -560,9 +610,14 @@ def optimise(session: EditSession, stepper, head: CandidateHead | None, prepared
         if head is None:
             losses = F.cross_entropy(stepper.target_logits(session).float(), prepared.target_ids, reduction="none")
         else:
-            states = stepper.target_states(session)
+            states = stepper.target_states(session, exact=False)
+            if steps == 1:
+                head.widen(states)
             losses = head.losses(states)
-            if steps in (1, cfg.steps) or session.done(stopping_loss(losses, prepared.target_rows, key_rows), aux_value):
+            # Stopping is decided on the full softmax over states in the model's own precision.
+            if steps == cfg.steps or session.done(stopping_loss(losses, prepared.target_rows, key_rows), aux_value):
+                if stepper.low_precision is not None:
+                    states = stepper.target_states(session)
                 losses = head.exact_losses(states)
         target_loss = loss = losses.mean()
         if key_rows:

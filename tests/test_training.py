@@ -149,6 +149,50 @@ def test_candidate_head_is_the_full_softmax_restricted_to_likely_tokens(tmp_path
     everything = CandidateHead(edited.model.lm_head, prepared.target_ids, per_position=full_logits.shape[-1])
     everything.exact_losses(states)
     assert torch.allclose(everything.losses(states), exact, atol=1e-5)
+    widened = CandidateHead(edited.model.lm_head, prepared.target_ids, per_position=5)
+    widened.widen(states)  # the same tokens, without a differentiable full softmax
+    assert widened.vocab.tolist() == head.vocab.tolist()
+
+
+def test_low_precision_steps_approximate_the_model_precision_ones(tmp_path, tiny_model_dir):
+    runner = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config())
+    edited = runner.edited
+    prepared = prepare(edited, edit_batch(edited, FACT_OBJECTS[0], runner.prefixes, ("Something unrelated.", "")))
+    session = edited.memory.start_edit(prepared.examples)
+    exact = FastStepper(edited, prepared).target_states(session)
+    stepper = FastStepper(edited, prepared, torch.bfloat16)
+    assert torch.equal(stepper.target_states(session), exact)  # exact=True: the model's own precision
+    approx = stepper.target_states(session, exact=False)
+    assert approx.dtype == exact.dtype and not torch.equal(approx, exact)
+    assert torch.allclose(approx, exact, rtol=0.05, atol=0.05)
+    assert all(p.dtype == torch.float32 for p in edited.model.parameters())  # the model itself is untouched
+
+
+def test_an_edit_with_low_precision_steps_stops_on_its_loss_in_model_precision(tmp_path, tiny_model_dir, monkeypatch):
+    """bf16 steps may only end an edit whose loss, recomputed by the full fp32 model, is at the stop loss
+    (a random tiny model stays near ln(vocab) ~ 10.8: the stop loss is set where it can get)."""
+    import memserve.training as training
+
+    checked = []
+    real = training.optimise
+
+    def optimise(session, stepper, head, prepared, key_rows, cfg):
+        loss, steps, converged = real(session, stepper, head, prepared, key_rows, cfg)
+        assert stepper.low_precision == torch.bfloat16
+        if converged and steps > 1:
+            with torch.no_grad():
+                logits = NaiveStepper(stepper.edited, prepared).target_logits(session).float()
+            losses = torch.nn.functional.cross_entropy(logits, prepared.target_ids, reduction="none")
+            checked.append(stopping_loss(losses, prepared.target_rows, key_rows))
+            assert checked[-1] <= cfg.stop_loss * 1.001
+        return loss, steps, converged
+
+    monkeypatch.setattr(training, "optimise", optimise)
+    runner = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config(step_dtype="bfloat16", steps=120, stop_loss=10.0))
+    runner.apply(FACT_OBJECTS[:2])
+    assert len(checked) == 2
+    with pytest.raises(ValueError, match="step_dtype must be auto, float32 or bfloat16, got 'fp8'"):
+        open_session(tmp_path / "bad", tiny_model_dir, config=tiny_config(step_dtype="fp8"))
 
 
 def test_key_rows_count_again_and_each_must_reach_the_stop_loss():

@@ -28,7 +28,7 @@ PREFIX_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 PREFIX_LENGTHS = (5,)  # (5, 10) on ZsRE dev: no better, and twice the rows to train on
 
 
-def generate_prefixes(edited: EditedModel, count: int = len(PREFIX_SEEDS)) -> list[str]:
+def generate_prefixes(edited: EditedModel, count: int) -> list[str]:
     """Short greedy continuations of the first `count` seed words, prepended to edit prompts for robustness."""
     if not 0 <= count <= len(PREFIX_SEEDS):
         raise ValueError(f"training_prefixes must be in 0..{len(PREFIX_SEEDS)}, got {count}")

@@ -128,7 +128,7 @@ class EditSessionRunner:
             record = {
                 "fact_key": fact.key, "prompt_key": fact.prompt_key, "fact": payload, "content_hash": content_hash(payload),
                 "loss": outcome.loss, "steps": outcome.steps, "seconds": outcome.seconds, "converged": outcome.converged,
-                **outcome.record,
+                "step_dtype": outcome.step_dtype, **outcome.record,
                 "source": fact.where, **({"by": by} if by else {}),
             }
             changed = self._changed_state()

@@ -383,12 +383,11 @@ class FastStepper:
     def supports(cls, edited: EditedModel) -> bool:
         return all(type(layer).__name__ in cls.LAYERS for layer in edited.model.model.layers)
 
-    def __init__(self, edited: EditedModel, prepared: Prepared, low_precision: torch.dtype | None = None):
+    def __init__(self, edited: EditedModel, prepared: Prepared, low_precision: LowPrecisionCopy | None = None):
         self.edited, self.p = edited, prepared
         base = edited.model.model
         self.layers = base.layers[edited.layer + 1 :]
         self.low_precision = low_precision
-        self.low_layers = low_precision_copy(edited, low_precision).layers if low_precision else None
         ex = prepared.examples
         rows = ex.in_scope.nonzero().squeeze(1)
         starts = ex.answer_mask[rows].float().argmax(1)
@@ -436,14 +435,14 @@ class FastStepper:
         return decoder_layer(layer, hidden, self.cos, self.sin, self.attend, merge)[0]
 
     def target_states(self, session: EditSession, exact: bool = True) -> torch.Tensor:
-        """The final-norm states at the target positions; with `exact` False and a `low_precision`,
-        the layers' products run in it (the residual stream stays in the model's dtype)."""
+        """The final-norm states at the target positions; with `exact` False and a `low_precision`
+        copy, the layers' products run in its dtype (the residual stream stays in the model's)."""
         base = self.edited.model.model
         delta = session.delta(self.a_slab.flatten(0, 1), self.context).unflatten(0, self.slab.shape)
         hidden = self.hidden + delta.to(self.hidden.dtype)
-        low = not exact and self.low_precision is not None
-        with torch.autocast(hidden.device.type, dtype=self.low_precision, enabled=low):
-            for layer, (keys, values) in zip(self.low_layers if low else self.layers, self.cache):
+        low = self.low_precision if not exact else None
+        with torch.autocast(hidden.device.type, dtype=low.dtype if low else None, enabled=low is not None):
+            for layer, (keys, values) in zip(low.layers if low else self.layers, self.cache):
                 hidden = self._layer(layer, hidden, keys, values)
         return base.norm(hidden[self.target_slab])
 
@@ -456,7 +455,8 @@ def step_dtype(option: str) -> torch.dtype | None:
     if option == "auto":
         native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
         return torch.bfloat16 if native else None
-    return {"float32": None, "bfloat16": torch.bfloat16}[option]
+    dtype = getattr(torch, option)  # a name `MethodConfig` validated
+    return None if dtype == torch.float32 else dtype
 
 
 @dataclass
@@ -464,7 +464,8 @@ class LowPrecisionCopy:
     """The parts of a model the fast steps run in a lower precision, copied once per model: autocast
     would otherwise cast every weight again at every step."""
 
-    layers: list[torch.nn.Module]  # the layers above L, their linear weights in the dtype
+    dtype: torch.dtype
+    layers: list[torch.nn.Module]  # the layers above L, their linear weights in `dtype`
     head_weight: torch.Tensor  # the output layer's weight, to rank candidate tokens with
 
 
@@ -474,7 +475,7 @@ def low_precision_copy(edited: EditedModel, dtype: torch.dtype) -> LowPrecisionC
         for module in (m for layer in layers for m in layer.modules()):
             if isinstance(module, torch.nn.Linear):
                 module.to(dtype)
-        edited.low_precision[dtype] = LowPrecisionCopy(layers, edited.model.lm_head.weight.detach().to(dtype))
+        edited.low_precision[dtype] = LowPrecisionCopy(dtype, layers, edited.model.lm_head.weight.detach().to(dtype))
     return edited.low_precision[dtype]
 
 
@@ -551,6 +552,7 @@ class EditOutcome:
     steps: int
     seconds: float
     converged: bool  # reached the stop criterion; False: all `steps` ran and the answer may not be learned
+    step_dtype: str  # what the steps' products ran in on this machine (`MethodConfig.step_dtype` resolved)
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -583,15 +585,17 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adam")
     prepared = prepare(edited, batch)
     fast = not naive and FastStepper.supports(edited)
-    low = step_dtype(cfg.step_dtype) if fast else None
+    dtype = step_dtype(cfg.step_dtype) if fast else None
+    low = low_precision_copy(edited, dtype) if dtype else None
     stepper = FastStepper(edited, prepared, low) if fast else NaiveStepper(edited, prepared)
     session = edited.memory.start_edit(prepared.examples)
-    ranking = low_precision_copy(edited, low).head_weight if low else None
-    head = CandidateHead(edited.model.lm_head, prepared.target_ids, ranking) if fast else None
+    head = CandidateHead(edited.model.lm_head, prepared.target_ids, low.head_weight if low else None) if fast else None
     key_rows = batch.key_rows if cfg.key_row_loss else ()
     loss, steps, converged = optimise(session, stepper, head, prepared, key_rows, cfg)
     record = session.finish()
-    return EditOutcome(loss=loss, steps=steps, seconds=time.perf_counter() - start, converged=converged, record=record)
+    steps_dtype = str(dtype or edited.model.dtype).removeprefix("torch.")
+    return EditOutcome(loss=loss, steps=steps, seconds=time.perf_counter() - start, converged=converged,
+                       step_dtype=steps_dtype, record=record)
 
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}

@@ -7,7 +7,7 @@ from memserve.editor import load_reference, open_session
 from memserve.evaluate import HFBackend, evaluate
 from memserve.facts import Fact
 from memserve.training import (CandidateHead, FastStepper, NaiveStepper, capture, capture_rows, edit_batch, key_rows_loss,
-                               length_groups, prepare, stopping_loss)
+                               length_groups, low_precision_copy, prepare, stopping_loss)
 
 from .conftest import FACTS, tiny_config
 
@@ -160,7 +160,7 @@ def test_low_precision_steps_approximate_the_model_precision_ones(tmp_path, tiny
     prepared = prepare(edited, edit_batch(edited, FACT_OBJECTS[0], runner.prefixes, ("Something unrelated.", "")))
     session = edited.memory.start_edit(prepared.examples)
     exact = FastStepper(edited, prepared).target_states(session)
-    stepper = FastStepper(edited, prepared, torch.bfloat16)
+    stepper = FastStepper(edited, prepared, low_precision_copy(edited, torch.bfloat16))
     assert torch.equal(stepper.target_states(session), exact)  # exact=True: the model's own precision
     approx = stepper.target_states(session, exact=False)
     assert approx.dtype == exact.dtype and not torch.equal(approx, exact)
@@ -178,7 +178,7 @@ def test_an_edit_with_low_precision_steps_stops_on_its_loss_in_model_precision(t
 
     def optimise(session, stepper, head, prepared, key_rows, cfg):
         loss, steps, converged = real(session, stepper, head, prepared, key_rows, cfg)
-        assert stepper.low_precision == torch.bfloat16
+        assert stepper.low_precision.dtype == torch.bfloat16
         if converged and steps > 1:
             with torch.no_grad():
                 logits = NaiveStepper(stepper.edited, prepared).target_logits(session).float()
@@ -191,6 +191,7 @@ def test_an_edit_with_low_precision_steps_stops_on_its_loss_in_model_precision(t
     runner = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config(step_dtype="bfloat16", steps=120, stop_loss=10.0))
     runner.apply(FACT_OBJECTS[:2])
     assert len(checked) == 2
+    assert [r["step_dtype"] for r in runner.store.records()] == ["bfloat16", "bfloat16"]  # what the edits ran in
     with pytest.raises(ValueError, match="step_dtype must be auto, float32 or bfloat16, got 'fp8'"):
         open_session(tmp_path / "bad", tiny_model_dir, config=tiny_config(step_dtype="fp8"))
 

@@ -134,11 +134,12 @@ def unedited_metrics(backend: Backend, probes: list[Fact], encode) -> dict:
 def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt) -> dict:
     """Rel/Gen/Loc/PPL, routing hits and generation accuracy with probes tokenised by `encode`."""
     probes: list[tuple[str, int]] = []  # (kind, fact index)
-    sequences, prompt_lens = [], []
+    sequences, prompt_lens, texts = [], [], []
 
     def add(kind: str, index: int, prompt: str, answer: str) -> None:
         seq, plen = encode(prompt, answer)
         probes.append((kind, index))
+        texts.append(prompt)
         sequences.append(seq)
         prompt_lens.append(plen)
 
@@ -157,12 +158,18 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
     per_fact: dict[str, list[list[float]]] = {"rel": [[] for _ in facts], "gen": [[] for _ in facts], "loc": [[] for _ in facts]}
     nll: list[float] = []
     hits = {"rel": [], "gen": [], "loc": []}
+    fact_of_edit = {edit: i for i, edit in enumerate(edit_ids) if edit is not None}
+    reaching = []  # the locality probes that reached an edit: which, whose, and what it cost
     for j, ((kind, i), scored) in enumerate(zip(probes, edited_scores)):
         answer = sequences[j][prompt_lens[j] :]
         if kind == "loc":
             reference = base_of[j].predicted
             value = sum(p == r for p, r in zip(scored.predicted, reference)) / len(reference)
             hits["loc"].append(scored.route is not None and scored.route < 0)
+            if scored.route is not None and scored.route >= 0:
+                owner = fact_of_edit.get(scored.route)
+                reaching.append({"fact": facts[i].where, "prompt": texts[j], "edit": scored.route,
+                                 "edit_fact": None if owner is None else facts[owner].where, "unchanged": value})
         else:
             value = sum(p == t for p, t in zip(scored.predicted, answer)) / len(answer)
             if edited.memory.routes_are_edits:
@@ -193,6 +200,7 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
             "rephrase_to_own_edit": _mean(hits["gen"]),
             "locality_to_no_edit": _mean(hits["loc"]),
             "unknown_routes": sum(scored.route is None for scored in edited_scores),
+            "locality_reaching_an_edit": reaching,
         },
     }
     if generation:

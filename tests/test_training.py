@@ -1,5 +1,7 @@
 """The fast trainer against the naive full-model loop, and sequential editing on a tiny model."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -118,6 +120,15 @@ def test_sequential_memoir_edits_are_learned_and_routed(tmp_path, tiny_model_dir
     assert result["routing"]["edit_prompt_to_own_edit"] == 1.0
     assert result["rel"] > 0.9  # a random tiny model can still memorise a few targets
     assert result["loc"] == 1.0 and result["routing"]["locality_to_no_edit"] == 1.0
+    assert result["routing"]["locality_reaching_an_edit"] == []
+    # A locality probe that is another fact's edit prompt reaches that edit: the report names both.
+    probe = (FACT_OBJECTS[1].prompt, FACT_OBJECTS[1].target)
+    crossed = [dataclasses.replace(f, source="facts.jsonl", line=n) for n, f in enumerate(FACT_OBJECTS, 1)]
+    crossed[0] = dataclasses.replace(crossed[0], locality=(probe,))
+    result = evaluate(runner.edited, HFBackend(runner.edited), crossed, ids, generation=False, chat=False)
+    (reached,) = result["routing"]["locality_reaching_an_edit"]
+    assert reached["fact"] == "facts.jsonl:1" and reached["prompt"] == probe[0]
+    assert (reached["edit"], reached["edit_fact"]) == (1, "facts.jsonl:2") and result["routing"]["locality_to_no_edit"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("stop_after_answer", [True, False])

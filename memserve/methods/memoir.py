@@ -64,9 +64,11 @@ class MemoirConfig(MethodConfig):
     # features writes to one of its copies, chosen by a hash of the edit's mask. Edits then share
     # 1/copies as many columns. Shared columns are what makes later edits overwrite earlier ones: with
     # one copy every column of the default model's 576x1536 Wm carries ~290 of 998 ZsRE edits and
-    # reliability falls to .45; with 8, .99 (README; the paper's 8B layer has 14,336 columns). Serving
-    # reads only the k columns of the routed edit, so the cost per routed token does not grow with it.
-    copies: int = 8
+    # reliability falls to .45; with 8, .99 (README; the paper's 8B layer has 14,336 columns). With 8,
+    # CounterFact's 1,000 chat answers still lost .047 of their tokens, most to an early end-of-turn
+    # token that later edits had pushed up; with 16, .022 (README). Serving reads only the k columns of
+    # the routed edit, so the cost per routed token does not grow with it; Wm grows (fp32, 56 MB here).
+    copies: int = 16
     # A routed request reads the memory with its edit's stored reading (`MemoirMemory.reading`): the
     # context and last-prompt-token input of the edit's own prompt (as written or as a chat turn),
     # not its own. The delta is a function of those inputs, and a rephrase that ends on other words

@@ -158,6 +158,8 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
     per_fact: dict[str, list[list[float]]] = {"rel": [[] for _ in facts], "gen": [[] for _ in facts], "loc": [[] for _ in facts]}
     nll: list[float] = []
     hits = {"rel": [], "gen": [], "loc": []}
+    eos = edited.tokenizer.eos_token_id
+    ended_early = []  # per edit prompt: the end-of-sequence token won at one of its answer's tokens
     fact_of_edit = {edit: i for i, edit in enumerate(edit_ids) if edit is not None}
     reaching = []  # the locality probes that reached an edit: which, whose, and what it cost
     for j, ((kind, i), scored) in enumerate(zip(probes, edited_scores)):
@@ -178,6 +180,8 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
                 hits[kind].append(edit_ids[i] is not None and scored.route is not None and scored.route >= 0)
             if kind == "rel" and scored.logprobs:
                 nll.append((i, -sum(scored.logprobs) / len(scored.logprobs)))
+            if kind == "rel":
+                ended_early.append(eos is not None and eos in scored.predicted)
         per_fact[kind][i].append(value)
 
     worst_ppl = max(nll, key=lambda item: item[1], default=None)
@@ -189,6 +193,8 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
         "gen": _mean([_mean(v) for v in per_fact["gen"] if v]),
         "loc": _mean([_mean(v) for v in per_fact["loc"] if v]),
         "ppl": _mean([math.exp(x) for _, x in nll]),
+        # What most imperfect chat answers were at T = 1000: a premature end of turn (README).
+        "rel_ended_early": _mean(ended_early),
         # No hidden failures: the single worst fact next to the means.
         "worst": {
             "ppl": None if worst_ppl is None else {"value": math.exp(worst_ppl[1]), "fact": facts[worst_ppl[0]].where},

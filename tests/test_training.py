@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memserve.editor import load_reference, open_session
-from memserve.evaluate import HFBackend, evaluate
+from memserve.evaluate import HFBackend, Scored, evaluate
 from memserve.facts import Fact
 from memserve.training import (CandidateHead, FastStepper, NaiveStepper, capture, capture_rows, edit_batch, key_rows_loss,
                                length_groups, low_precision_copy, prepare, stopping_loss)
@@ -261,3 +261,25 @@ def test_a_rephrase_routed_to_an_edit_reads_the_memory_as_the_edit_prompt_did(tm
     assert torch.allclose(own, other, atol=1e-5) == stored_reading
     reloaded, _ = _last_prompt_delta(load_reference(tmp_path / "s"), fact.rephrases[0])
     torch.testing.assert_close(reloaded, other)
+
+
+class _Predicting:
+    """A backend that predicts `token` at every answer position (and routes nothing)."""
+
+    name = "predicting"
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def score(self, sequences, prompt_lens, use_memory=True):
+        return [Scored([self.token] * (len(s) - n), [0.0] * (len(s) - n), -1) for s, n in zip(sequences, prompt_lens)]
+
+
+def test_answers_cut_short_by_the_end_of_sequence_token_are_counted(tmp_path, tiny_model_dir):
+    edited = open_session(tmp_path / "s", tiny_model_dir, config=tiny_config()).edited
+    eos = edited.tokenizer.eos_token_id
+    ids = [None] * len(FACT_OBJECTS)
+    ended = evaluate(edited, _Predicting(eos), FACT_OBJECTS, ids, generation=False, chat=False)
+    assert ended["rel_ended_early"] == 1.0 and ended["rel"] == 0.0
+    other = evaluate(edited, _Predicting(eos + 1), FACT_OBJECTS, ids, generation=False, chat=False)
+    assert other["rel_ended_early"] == 0.0

@@ -178,10 +178,10 @@ def _metrics(edited, backend, facts, edit_ids, generation, encode, encode_prompt
                 hits[kind].append(edit_ids[i] is not None and scored.route == edit_ids[i])
             else:  # WISE routes to a memory holding many edits: being routed at all is the hit
                 hits[kind].append(edit_ids[i] is not None and scored.route is not None and scored.route >= 0)
-            if kind == "rel" and scored.logprobs:
-                nll.append((i, -sum(scored.logprobs) / len(scored.logprobs)))
             if kind == "rel":
                 ended_early.append(eos is not None and eos in scored.predicted)
+                if scored.logprobs:
+                    nll.append((i, -sum(scored.logprobs) / len(scored.logprobs)))
         per_fact[kind][i].append(value)
 
     worst_ppl = max(nll, key=lambda item: item[1], default=None)

@@ -39,14 +39,18 @@ import struct
 import tarfile
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import lmdb
 import numpy as np
 import torch
+from safetensors.torch import _TYPES as SAFETENSORS_DTYPES
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 FORMAT_VERSION = 1
 MAP_SIZE = 1 << 38  # address space only; the file grows with the data
@@ -84,11 +88,63 @@ def _dumps(value: Any) -> bytes:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return save_tensors({"t": tensor.detach().contiguous().cpu()})
+    """safetensors bytes of `{"t": tensor}`, exactly as safetensors itself writes them."""
+    return bytes(_TensorWriter()(tensor))
+
+
+class _TensorWriter:
+    """`_tensor_bytes`, byte for byte (stored checksums are of those bytes), into one buffer it keeps
+    and hands out until the next call: a commit then copies the 56 MB residual once instead of
+    allocating fresh memory for it that the kernel faults in page by page."""
+
+    def __init__(self):
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def __call__(self, tensor: torch.Tensor) -> memoryview:
+        tensor = tensor.detach().contiguous().cpu()
+        size = tensor.numel() * tensor.element_size()
+        meta = {"t": {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [0, size]}}
+        header = json.dumps(meta, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        start = 8 + len(header)
+        if self._buffer.numel() < start + size:
+            self._buffer = torch.empty(start + size, dtype=torch.uint8)
+        out = self._buffer[:start + size]
+        out[:start] = torch.frombuffer(bytearray(struct.pack("<Q", len(header)) + header), dtype=torch.uint8)
+        if size:
+            out[start:] = tensor.reshape(-1).view(torch.uint8)
+        return memoryview(out.numpy())
 
 
 def _load_tensor(data) -> torch.Tensor:
     return load_tensors(bytes(data))["t"]
+
+
+def _tensor_view(data: memoryview) -> torch.Tensor:
+    """The tensor in `_tensor_bytes` output, read in place (no copy): read-only, valid while `data` is."""
+    size = struct.unpack("<Q", data[:8])[0]
+    meta = json.loads(bytes(data[8:8 + size]))["t"]
+    start, end = meta["data_offsets"]
+    dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+    if end == start:
+        return torch.empty(meta["shape"], dtype=dtype)
+    with warnings.catch_warnings():  # torch warns that the buffer is read-only: it is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + size + start)
+    return flat.reshape(meta["shape"])
+
+
+@contextlib.contextmanager
+def _stored_view(env, txn, db, key: bytes) -> Iterator[torch.Tensor | None]:
+    """The tensor stored under `key` as `txn` sees it, read in place from the memory map for as long
+    as the block runs (a child transaction hands out buffers): a commit computes its undo against the
+    stored residual without copying and parsing tens of megabytes."""
+    child = env.begin(write=True, parent=txn, buffers=True)
+    try:
+        data = child.get(key, db=db)
+        yield None if data is None else _tensor_view(data)
+    finally:
+        child.abort()
 
 
 def record_checksum(record: dict) -> str:
@@ -102,12 +158,13 @@ def _undo(old: torch.Tensor | None, new: torch.Tensor | None) -> dict[str, torch
     if new is None or old.shape != new.shape or old.dtype != new.dtype or old.dim() == 0:
         return {"full": old}
     o, n = old.reshape(old.shape[0], -1), new.reshape(new.shape[0], -1)
-    changed = o != n
-    rows, cols = changed.any(1).nonzero().squeeze(1), changed.any(0).nonzero().squeeze(1)
+    cols = (o != n).any(0).nonzero().squeeze(1)
+    changed = o[:, cols] != n[:, cols]  # every change is in these columns (a MEMOIR edit: its mask's)
+    rows = changed.any(1).nonzero().squeeze(1)
     dense = min(cols.numel() * o.shape[0], rows.numel() * o.shape[1])  # entries a row/column undo keeps
     entries = changed.nonzero()
     if entries.shape[0] * 2 < dense and o.numel() < 2**31:  # scattered changes: (int32 index, value) pairs
-        flat = (entries[:, 0] * o.shape[1] + entries[:, 1]).to(torch.int32)
+        flat = (entries[:, 0] * o.shape[1] + cols[entries[:, 1]]).to(torch.int32)
         return {"entries": flat, "values": o.reshape(-1)[flat.long()].contiguous()}
     if cols.numel() * o.shape[0] <= rows.numel() * o.shape[1]:
         return {"cols": cols, "values": o[:, cols].contiguous()}
@@ -154,6 +211,7 @@ class Store:
     def __init__(self, path: str | os.PathLike, readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
+        self._writer = _TensorWriter()
         try:
             self.env = lmdb.open(
                 str(self.path), subdir=True, map_size=MAP_SIZE, max_dbs=8, readonly=readonly,
@@ -201,7 +259,7 @@ class Store:
                     full = {"format_version": FORMAT_VERSION, "created": time.time(), **manifest}
                     txn.put(b"manifest", _dumps(full), db=meta)
                     txn.put(b"tensor_sums", _dumps({}), db=meta)
-                    _put_state(txn, dbs, 0, None, tensors or {}, {"op": "create", "edits": 0})
+                    _put_state(env, txn, dbs, 0, None, tensors or {}, {"op": "create", "edits": 0}, _TensorWriter())
             finally:
                 env.close()
         return cls(path)
@@ -422,7 +480,7 @@ class Store:
                     edit_id += 1
                     if version < start + len(edits):
                         _put_version(txn, dbs, {"version": version, "op": "edit", "edits": edit_id, "restores": None, "tensor_sums": None, "undo_sums": {}})
-                _put_state(txn, dbs, start + len(edits), start, tensors, {"op": "edit", "edits": edit_id})
+                _put_state(self.env, txn, dbs, start + len(edits), start, tensors, {"op": "edit", "edits": edit_id}, self._writer)
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: edit not stored: {exc}") from None
         self._dbs = dbs
@@ -467,7 +525,7 @@ class Store:
                     _put_edit(txn, dbs, journal["record"], None if journal["key"] is None else bytes.fromhex(journal["key"]))
                 tensors = {name: state.get(name) for name in set(state) | set(old)}
                 entry = {"op": "rollback", "to": target, "edits": len(active), **({"by": by} if by else {})}
-                _put_state(txn, dbs, current + 1, current, tensors, entry)
+                _put_state(self.env, txn, dbs, current + 1, current, tensors, entry, self._writer)
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: rollback not done: {exc}") from None
         self._dbs = dbs
@@ -640,19 +698,20 @@ def _put_version(txn, dbs: dict, entry: dict) -> None:
     txn.put(_id_key(entry["version"]), _dumps({"time": time.time(), **entry}), db=dbs["versions"])
 
 
-def _put_state(txn, dbs: dict, version: int, restores: int | None, tensors: dict[str, torch.Tensor | None], entry: dict) -> None:
+def _put_state(env, txn, dbs: dict, version: int, restores: int | None, tensors: dict[str, torch.Tensor | None], entry: dict,
+               writer: _TensorWriter) -> None:
     """Make `version` current with these tensors (None = remove), keeping the undo back to `restores`."""
     meta = dbs["meta"]
     sums = json.loads(txn.get(b"tensor_sums", db=meta))
     undo_sums = {}
     for name, tensor in tensors.items():
-        data = None if tensor is None else _tensor_bytes(tensor)
+        data = None if tensor is None else writer(tensor)
         digest = None if data is None else _sha(data)
         if digest is not None and sums.get(name) == digest:  # what is stored already (its checksum)
             continue
-        stored = txn.get(name.encode(), db=dbs["tensors"])
         if restores is not None:
-            undo = save_tensors(_undo(None if stored is None else _load_tensor(stored), tensor))
+            with _stored_view(env, txn, dbs["tensors"], name.encode()) as stored:
+                undo = save_tensors(_undo(stored, tensor))
             txn.put(_id_key(version) + name.encode(), undo, db=dbs["history"])
             undo_sums[name] = _sha(undo)
         if data is None:

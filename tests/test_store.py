@@ -158,6 +158,33 @@ def test_undo_of_scattered_changes_keeps_index_value_pairs_and_rolls_back_exactl
     assert store.verify(width=64) == []
 
 
+def test_undo_of_a_few_entries_in_a_few_columns_keeps_pairs_and_rolls_back_exactly(tmp_path):
+    before = torch.randn(64, 48)
+    store = Store.create(tmp_path / "s", MANIFEST, {"memory": before})
+    after = before.clone()
+    after[[3, 40, 7], [30, 5, 5]] += 1.0  # entries found within the changed columns, mapped back to the matrix
+    store.commit_edit(record(0), None, {"memory": after})
+    with store.env.begin() as txn:
+        (_, undo), = dict(txn.cursor(db=store._dbs["history"])).items()
+    assert len(undo) < 64 * 4  # three (int32, fp32) pairs, not two 64-row columns
+    store.rollback(0)
+    assert torch.equal(store.tensors()["memory"], before) and store.verify(width=64) == []
+
+
+def test_tensors_are_stored_byte_for_byte_as_safetensors_writes_them():
+    """Stored checksums are of these bytes: stores written by safetensors' own serialiser keep verifying
+    and rolling back. The commit path's writer reuses one buffer, a large tensor before a small one."""
+    from safetensors.torch import save
+
+    from memserve.store.store import _tensor_bytes, _TensorWriter
+
+    writer = _TensorWriter()
+    for tensor in (torch.randn(300, 70), torch.randn(3, 5), torch.zeros(()), torch.ones(7, dtype=torch.bool),
+                   torch.randn(2, 3).bfloat16(), torch.zeros(0), torch.arange(5), torch.randn(4, 6)[:, ::2]):
+        expected = save({"t": tensor.contiguous()})
+        assert _tensor_bytes(tensor) == expected and bytes(writer(tensor)) == expected
+
+
 def test_rollback_refusals(tmp_path):
     store = column_store(tmp_path / "s", edits=2)
     for target, message in ((2, "not an earlier version"), (7, "not an earlier version"), (-1, "not an earlier version")):

@@ -215,5 +215,5 @@ def _start(store, store_path, model_path, method, config, facts) -> EditSessionR
         "weight_hash": weight_hash(base), "hidden_size": memory.hidden_size,
         "intermediate_size": memory.intermediate_size, "prefixes": generate_prefixes(edited, cfg.training_prefixes),
     }
-    store = Store.create(store_path, manifest, memory.state_tensors())
+    store = Store.create(store_path, manifest, memory.state_tensors(), by_column=memory.column_tensors)
     return EditSessionRunner(store, edited, store.version)

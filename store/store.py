@@ -7,6 +7,9 @@ Layout of the LMDB environment (one directory):
 - `keys`:    per-edit routing key bits (MEMOIR masks), packed, keyed by edit id;
 - `facts`:   fact identity -> edit id, so a re-run skips what is stored;
 - `tensors`: memory tensors as safetensors bytes, by name;
+- `columns`: the tensors the manifest's `column_tensors` names (MEMOIR's residual), one value per
+             column of their 2-D view plus a descriptor and a hash per column (see `_put_by_column`):
+             a MEMOIR edit changes only its mask's columns, and a commit writes only those (format 2);
 - `versions`: one JSON entry per version (what made it: create, edit, rollback; its edit count and the
              checksum of every memory tensor it had);
 - `history`: per version and tensor, the *undo* from that version back to the one before, as
@@ -33,6 +36,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import struct
@@ -52,11 +56,14 @@ from safetensors.torch import save as save_tensors
 
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors may be kept by column (`columns`); 1 is still read and written
+SUPPORTED_FORMATS = (1, 2)
 MAP_SIZE = 1 << 38  # address space only; the file grows with the data
 INDEX_FILE = "keys.faiss"
 DATABASES = ("meta", "records", "keys", "facts", "tensors")
 HISTORY_DATABASES = ("versions", "history", "journal")
+COLUMN_DATABASE = "columns"  # absent in format 1
+MAX_DBS = 9
 EXPORT_FORMAT = "memserve-store-export"
 EXPORT_HEADER = "memserve-store.json"
 EXPORT_DATA = "data.mdb"
@@ -212,9 +219,10 @@ class Store:
         self.path = Path(path)
         self.readonly = readonly
         self._writer = _TensorWriter()
+        self._column_cache: dict[str, tuple[str, torch.Tensor]] = {}  # see `_put_by_column`
         try:
             self.env = lmdb.open(
-                str(self.path), subdir=True, map_size=MAP_SIZE, max_dbs=8, readonly=readonly,
+                str(self.path), subdir=True, map_size=MAP_SIZE, max_dbs=MAX_DBS, readonly=readonly,
                 create=False, lock=not readonly or os.access(path, os.W_OK),
             )
         except lmdb.Error as exc:
@@ -230,15 +238,16 @@ class Store:
             self._dbs = {name: self.env.open_db(name.encode(), create=False) for name in DATABASES}
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: not a memserve store ({exc})") from None
-        for name in HISTORY_DATABASES:  # absent in stores written before versions were kept
+        for name in (*HISTORY_DATABASES, COLUMN_DATABASE):  # absent in older stores
             with contextlib.suppress(lmdb.NotFoundError):
                 self._dbs[name] = self.env.open_db(name.encode(), create=False)
         manifest = self._get("meta", b"manifest")
         if manifest is None:
             raise StoreError(f"{self.path}: not a memserve store (no manifest)")
         self.manifest: dict = json.loads(manifest)
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{self.path}: store format {self.manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        if self.manifest.get("format_version") not in SUPPORTED_FORMATS:
+            supported = " or ".join(map(str, SUPPORTED_FORMATS))
+            raise StoreError(f"{self.path}: store format {self.manifest.get('format_version')} is not supported (expected {supported})")
 
     # --- creation and opening -----------------------------------------------------------------
     @staticmethod
@@ -246,20 +255,24 @@ class Store:
         return (Path(path) / "data.mdb").exists()
 
     @classmethod
-    def create(cls, path: str | os.PathLike, manifest: dict, tensors: dict[str, torch.Tensor] | None = None) -> "Store":
+    def create(cls, path: str | os.PathLike, manifest: dict, tensors: dict[str, torch.Tensor] | None = None,
+               by_column: tuple[str, ...] = ()) -> "Store":
+        """A new store holding `tensors`. Those named in `by_column` are kept one LMDB value per column
+        of their 2-D view ([shape[0], rest]): a commit then writes only the columns that changed (a
+        MEMOIR edit changes its mask's columns of a residual that is 56 MB for the default model)."""
         path = Path(path)
         if cls.exists(path):
             raise StoreError(f"{path}: a store already exists here")
         with _staged(path) as staging:
-            env = lmdb.open(str(staging), subdir=True, map_size=MAP_SIZE, max_dbs=8)
+            env = lmdb.open(str(staging), subdir=True, map_size=MAP_SIZE, max_dbs=MAX_DBS)
             try:
                 with env.begin(write=True) as txn:
-                    dbs = {name: env.open_db(name.encode(), txn=txn) for name in DATABASES + HISTORY_DATABASES}
+                    dbs = {name: env.open_db(name.encode(), txn=txn) for name in (*DATABASES, *HISTORY_DATABASES, COLUMN_DATABASE)}
                     meta = dbs["meta"]
-                    full = {"format_version": FORMAT_VERSION, "created": time.time(), **manifest}
+                    full = {"format_version": FORMAT_VERSION, "created": time.time(), **manifest, "column_tensors": sorted(by_column)}
                     txn.put(b"manifest", _dumps(full), db=meta)
                     txn.put(b"tensor_sums", _dumps({}), db=meta)
-                    _put_state(env, txn, dbs, 0, None, tensors or {}, {"op": "create", "edits": 0}, _TensorWriter())
+                    _put_state(env, txn, dbs, 0, None, tensors or {}, {"op": "create", "edits": 0}, _TensorWriter(), {})
             finally:
                 env.close()
         return cls(path)
@@ -480,7 +493,7 @@ class Store:
                     edit_id += 1
                     if version < start + len(edits):
                         _put_version(txn, dbs, {"version": version, "op": "edit", "edits": edit_id, "restores": None, "tensor_sums": None, "undo_sums": {}})
-                _put_state(self.env, txn, dbs, start + len(edits), start, tensors, {"op": "edit", "edits": edit_id}, self._writer)
+                _put_state(self.env, txn, dbs, start + len(edits), start, tensors, {"op": "edit", "edits": edit_id}, self._writer, self._column_cache)
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: edit not stored: {exc}") from None
         self._dbs = dbs
@@ -515,7 +528,8 @@ class Store:
                     raise StoreError(f"{self.path}: version {target} was committed in bulk; its memory state was not kept")
                 old = _current_tensors(txn, dbs)
                 state = _replay(txn, dbs, dict(old), current, target)
-                if {name: _sha(_tensor_bytes(t)) for name, t in state.items()} != entry["tensor_sums"]:
+                by_column = self.manifest.get("column_tensors", [])
+                if {name: _checksum(t, name in by_column) for name, t in state.items()} != entry["tensor_sums"]:
                     raise StoreError(f"{self.path}: the history does not reproduce version {target}'s tensors; run `store verify`")
                 active = _active_versions(txn, dbs, target)
                 for name in ("records", "keys", "facts"):
@@ -525,7 +539,7 @@ class Store:
                     _put_edit(txn, dbs, journal["record"], None if journal["key"] is None else bytes.fromhex(journal["key"]))
                 tensors = {name: state.get(name) for name in set(state) | set(old)}
                 entry = {"op": "rollback", "to": target, "edits": len(active), **({"by": by} if by else {})}
-                _put_state(self.env, txn, dbs, current + 1, current, tensors, entry, self._writer)
+                _put_state(self.env, txn, dbs, current + 1, current, tensors, entry, self._writer, self._column_cache)
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: rollback not done: {exc}") from None
         self._dbs = dbs
@@ -657,7 +671,9 @@ class Store:
                 problems.append(f"manifest counts {edits} edits but {len(records)} records are stored")
             for name, expected in sums.items():
                 data = txn.get(name.encode(), db=self._dbs["tensors"])
-                if data is None:
+                if data is None and _stored_descriptor(txn, self._dbs, name) is not None:
+                    problems += _verify_columns(txn, self._dbs, name, expected)
+                elif data is None:
                     problems.append(f"tensor {name}: missing")
                 elif _sha(bytes(data)) != expected:
                     problems.append(f"tensor {name}: checksum mismatch")
@@ -699,26 +715,26 @@ def _put_version(txn, dbs: dict, entry: dict) -> None:
 
 
 def _put_state(env, txn, dbs: dict, version: int, restores: int | None, tensors: dict[str, torch.Tensor | None], entry: dict,
-               writer: _TensorWriter) -> None:
+               writer: _TensorWriter, column_cache: dict) -> None:
     """Make `version` current with these tensors (None = remove), keeping the undo back to `restores`."""
     meta = dbs["meta"]
     sums = json.loads(txn.get(b"tensor_sums", db=meta))
+    by_column = json.loads(txn.get(b"manifest", db=meta)).get("column_tensors", [])
     undo_sums = {}
     for name, tensor in tensors.items():
-        data = None if tensor is None else writer(tensor)
-        digest = None if data is None else _sha(data)
-        if digest is not None and sums.get(name) == digest:  # what is stored already (its checksum)
+        if tensor is not None and name in by_column and _column_keepable(tensor):
+            written = _put_by_column(env, txn, dbs, name, tensor, sums.get(name), column_cache, restores is not None)
+        else:
+            written = _put_whole(env, txn, dbs, name, tensor, sums.get(name), writer, restores is not None)
+        if written is None:  # unchanged
             continue
-        if restores is not None:
-            with _stored_view(env, txn, dbs["tensors"], name.encode()) as stored:
-                undo = save_tensors(_undo(stored, tensor))
+        digest, undo = written
+        if undo is not None:
             txn.put(_id_key(version) + name.encode(), undo, db=dbs["history"])
             undo_sums[name] = _sha(undo)
-        if data is None:
-            txn.delete(name.encode(), db=dbs["tensors"])
+        if digest is None:
             sums.pop(name, None)
         else:
-            txn.put(name.encode(), data, db=dbs["tensors"])
             sums[name] = digest
     txn.put(b"tensor_sums", _dumps(sums), db=meta)
     txn.put(b"edits", str(entry["edits"]).encode(), db=meta)
@@ -726,8 +742,186 @@ def _put_state(env, txn, dbs: dict, version: int, restores: int | None, tensors:
     _put_version(txn, dbs, {"version": version, "restores": restores, "tensor_sums": sums, "undo_sums": undo_sums, **entry})
 
 
+def _put_whole(env, txn, dbs: dict, name: str, tensor: torch.Tensor | None, stored_sum: str | None, writer: _TensorWriter,
+               keep_undo: bool) -> tuple[str | None, bytes | None] | None:
+    """Store `tensor` as one safetensors value (None: remove it). Returns (its checksum, the undo)
+    or None when that is what is stored already."""
+    data = None if tensor is None else writer(tensor)
+    digest = None if data is None else _sha(data)
+    if digest is not None and digest == stored_sum:
+        return None
+    undo = None
+    if keep_undo:
+        with _stored(env, txn, dbs, name) as old:
+            undo = save_tensors(_undo(old, tensor))
+    _drop_columns(txn, dbs, name)
+    if data is None:
+        txn.delete(name.encode(), db=dbs["tensors"])
+    else:
+        txn.put(name.encode(), data, db=dbs["tensors"])
+    return digest, undo
+
+
+# --- tensors kept by column ------------------------------------------------------------------------
+# In the `columns` database, per tensor: b"d<name>\0" its descriptor (dtype, shape), b"h<name>\0" the
+# SHA-256 of every column (32 bytes each, in order) and b"c<name>\0<column, >Q>" each column of its
+# 2-D view [shape[0], rest] as raw bytes. Its checksum is the SHA-256 of descriptor + column hashes.
+def _column_key(kind: bytes, name: str, column: int | None = None) -> bytes:
+    key = kind + name.encode() + b"\0"
+    return key if column is None else key + struct.pack(">Q", column)
+
+
+def _column_keepable(tensor: torch.Tensor) -> bool:
+    return tensor.dim() >= 2 and tensor.numel() > 0
+
+
+def _column_descriptor(tensor: torch.Tensor) -> bytes:
+    return _dumps({"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape)})
+
+
+def _column_bytes(tensor: torch.Tensor, columns: torch.Tensor) -> np.ndarray:
+    """Rows of raw bytes, one per column in `columns` of the tensor's 2-D view."""
+    flat = tensor.detach().cpu().reshape(tensor.shape[0], -1)
+    return flat.t()[columns].contiguous().view(torch.uint8).numpy()
+
+
+def _hashes(raw: np.ndarray) -> bytes:
+    return b"".join(hashlib.sha256(row).digest() for row in raw)
+
+
+def _checksum(tensor: torch.Tensor, by_column: bool) -> str:
+    """The checksum `tensor_sums` records for `tensor`, kept by column (if it can be) or whole."""
+    if not (by_column and _column_keepable(tensor)):
+        return _sha(_tensor_bytes(tensor))
+    columns = torch.arange(tensor.numel() // tensor.shape[0])
+    return _sha(_column_descriptor(tensor) + _hashes(_column_bytes(tensor, columns)))
+
+
+def _stored_descriptor(txn, dbs: dict, name: str) -> bytes | None:
+    """The descriptor of the tensor kept by column under `name` (None: not kept by column)."""
+    return txn.get(_column_key(b"d", name), db=dbs[COLUMN_DATABASE]) if COLUMN_DATABASE in dbs else None
+
+
+def _read_columns(txn, dbs: dict, name: str) -> torch.Tensor | None:
+    """The tensor kept by column under `name` (None: not kept by column), as a new tensor."""
+    descriptor = _stored_descriptor(txn, dbs, name)
+    if descriptor is None:
+        return None
+    db = dbs[COLUMN_DATABASE]
+    meta = json.loads(descriptor)
+    dtype, shape = SAFETENSORS_DTYPES[meta["dtype"]], meta["shape"]
+    count = math.prod(shape) // shape[0]
+    prefix = _column_key(b"c", name)
+    cursor = txn.cursor(db=db)
+    parts = []
+    if cursor.set_range(prefix):
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                break
+            parts.append(value)
+    data = b"".join(parts)
+    if len(parts) != count or len(data) != math.prod(shape) * dtype.itemsize:
+        raise StoreError(f"tensor {name}: {count} columns expected, {len(parts)} stored or sized wrong; run `store verify`")
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(count, shape[0]).t().contiguous().reshape(shape)
+
+
+def _drop_columns(txn, dbs: dict, name: str) -> None:
+    if _stored_descriptor(txn, dbs, name) is None:
+        return
+    db = dbs[COLUMN_DATABASE]
+    for kind in (b"d", b"h"):
+        txn.delete(_column_key(kind, name), db=db)
+    prefix = _column_key(b"c", name)
+    cursor = txn.cursor(db=db)
+    if cursor.set_range(prefix):
+        while cursor.key().startswith(prefix) and cursor.delete():
+            pass
+
+
+@contextlib.contextmanager
+def _stored(env, txn, dbs: dict, name: str, cached: torch.Tensor | None = None) -> Iterator[torch.Tensor | None]:
+    """The tensor stored under `name` as `txn` sees it (None: none), for as long as the block runs:
+    `cached` if given (the caller checked it), else assembled from its columns or read in place."""
+    if cached is None:
+        cached = _read_columns(txn, dbs, name)
+    if cached is not None:
+        yield cached
+        return
+    with _stored_view(env, txn, dbs["tensors"], name.encode()) as view:
+        yield view
+
+
+def _put_by_column(env, txn, dbs: dict, name: str, tensor: torch.Tensor, stored_sum: str | None, cache: dict,
+                   keep_undo: bool) -> tuple[str, bytes | None] | None:
+    """Store `tensor` by column, writing only the columns that differ from the stored ones. Returns
+    (its checksum, the undo) or None when nothing changed. `cache` keeps, per name, the checksum and
+    the tensor this process last stored: while the store's checksum is that one, it stands in for the
+    stored tensor and the diff needs no read (it is updated in place to what was written)."""
+    tensor = tensor.detach().cpu()
+    cached_sum, cached = cache.pop(name, (None, None))  # put back only once this write went through
+    db = dbs[COLUMN_DATABASE]
+    descriptor = _column_descriptor(tensor)
+    count = tensor.numel() // tensor.shape[0]
+    partial = _stored_descriptor(txn, dbs, name) == descriptor  # kept by column already, same shape and dtype
+    hashes = bytearray(txn.get(_column_key(b"h", name), db=db)) if partial else bytearray(32 * count)
+    with _stored(env, txn, dbs, name, cached if cached_sum == stored_sum else None) as old:
+        change = _undo(old, tensor)
+        if partial and "cols" in change and change["cols"].numel() == 0:
+            cache[name] = (stored_sum, old)
+            return None
+        undo = save_tensors(change) if keep_undo else None
+        if partial:
+            columns = _changed_columns(change, count)
+            current = old  # our own tensor (the cache or just assembled), made what is written
+            current.view(current.shape[0], -1)[:, columns] = tensor.reshape(tensor.shape[0], -1)[:, columns]
+    if not partial:
+        txn.delete(name.encode(), db=dbs["tensors"])
+        _drop_columns(txn, dbs, name)
+        txn.put(_column_key(b"d", name), descriptor, db=db)
+        columns, current = torch.arange(count), tensor.clone(memory_format=torch.contiguous_format)
+    raw = _column_bytes(tensor, columns)
+    for column, row in zip(columns.tolist(), raw):
+        txn.put(_column_key(b"c", name, column), row, db=db)
+        hashes[32 * column : 32 * column + 32] = hashlib.sha256(row).digest()
+    txn.put(_column_key(b"h", name), bytes(hashes), db=db)
+    digest = _sha(descriptor + bytes(hashes))
+    cache[name] = (digest, current)
+    return digest, undo
+
+
+def _changed_columns(change: dict[str, torch.Tensor], count: int) -> torch.Tensor:
+    """The columns an `_undo` of a same-shaped tensor covers."""
+    if "cols" in change:
+        return change["cols"]
+    if "entries" in change:
+        return torch.unique(change["entries"].long() % count)
+    return torch.arange(count)  # rows
+
+
 def _current_tensors(txn, dbs: dict) -> dict[str, torch.Tensor]:
-    return {name.decode(): _load_tensor(value) for name, value in txn.cursor(db=dbs["tensors"])}
+    tensors = {name.decode(): _load_tensor(value) for name, value in txn.cursor(db=dbs["tensors"])}
+    if COLUMN_DATABASE in dbs:
+        cursor = txn.cursor(db=dbs[COLUMN_DATABASE])
+        names = [key[1:-1].decode() for key in cursor.iternext(values=False) if key.startswith(b"d")] if cursor.set_range(b"d") else []
+        tensors.update({name: _read_columns(txn, dbs, name) for name in names})
+    return tensors
+
+
+def _verify_columns(txn, dbs: dict, name: str, expected: str) -> list[str]:
+    db = dbs[COLUMN_DATABASE]
+    descriptor, hashes = _stored_descriptor(txn, dbs, name), txn.get(_column_key(b"h", name), db=db) or b""
+    meta = json.loads(descriptor)
+    count = math.prod(meta["shape"]) // meta["shape"][0]
+    size = math.prod(meta["shape"]) // count * SAFETENSORS_DTYPES[meta["dtype"]].itemsize
+    prefix = _column_key(b"c", name)
+    cursor = txn.cursor(db=db)
+    stored = [(key, value) for key, value in cursor if key.startswith(prefix)] if cursor.set_range(prefix) else []
+    if _sha(descriptor + hashes) != expected or len(hashes) != 32 * count:
+        return [f"tensor {name}: checksum mismatch"]
+    if [key for key, _ in stored] != [_column_key(b"c", name, j) for j in range(count)]:
+        return [f"tensor {name}: columns missing ({len(stored)} of {count} stored)"]
+    damaged = [j for j, (_, value) in enumerate(stored) if len(value) != size or hashlib.sha256(value).digest() != hashes[32 * j : 32 * j + 32]]
+    return [f"tensor {name}: {len(damaged)} columns damaged (first: {damaged[0]})"] if damaged else []
 
 
 def _version_entry(txn, dbs: dict, version: int) -> dict | None:

@@ -106,15 +106,16 @@ def column_edit(store, i, width=64):
     return store.commit_edit({**record(i), "prompt_key": f"q{i % 3}"}, key, {"residual": residual})
 
 
-def column_store(path, edits=4):
-    store = Store.create(path, MANIFEST, {"residual": torch.zeros(32, 16), "background": torch.ones(16)})
+def column_store(path, edits=4, by_column=("residual",)):
+    store = Store.create(path, MANIFEST, {"residual": torch.zeros(32, 16), "background": torch.ones(16)}, by_column=by_column)
     for i in range(edits):
         column_edit(store, i)
     return store
 
 
-def test_rollback_restores_tensors_records_and_keys_and_is_reversible(tmp_path):
-    store = column_store(tmp_path / "s")
+@pytest.mark.parametrize("by_column", [("residual",), ()], ids=["by-column", "whole"])
+def test_rollback_restores_tensors_records_and_keys_and_is_reversible(tmp_path, by_column):
+    store = column_store(tmp_path / "s", by_column=by_column)
     tensors_at_4 = store.tensors()
     records_at_4, keys_at_4 = list(store.records()), store.keys(64)
     assert store.rollback(2) == 5
@@ -333,6 +334,8 @@ def test_store_never_pickles(tmp_path, monkeypatch):
                 value = bytes(value)
                 if name in ("tensors", "history"):
                     load_safetensors(value)
+                elif name == "columns":  # descriptor JSON, then raw column hashes and column values
+                    assert key[:1] != b"d" or json.loads(value)["shape"] == [32, 16]
                 elif name == "keys":
                     assert len(value) % 8 == 0
                 elif name == "facts" or key in (b"edits", b"version"):
@@ -350,6 +353,82 @@ def test_commit_on_a_stale_memory_state_is_refused(tmp_path):
         store.commit_edit(record(5), None, {"residual": torch.zeros(32, 16)}, expected_version=1)
     assert store.digest() == before
     store.commit_edit(record(5), None, {"residual": torch.zeros(32, 16)}, expected_version=2)
+
+
+def test_by_column_commits_from_several_processes_keep_an_exact_history(tmp_path):
+    """A tensor kept by column: a process diffs against the tensor it last wrote only while the store
+    still holds it, so commits interleaved from two processes (two caches; LMDB allows one
+    environment per process) keep exact undos."""
+    store = Store.create(tmp_path / "s", MANIFEST, {"residual": torch.zeros(6, 3, 5)}, by_column=("residual",))
+    caches = ({}, {})
+    states = [torch.zeros(6, 3, 5)]
+    for i, (process, change) in enumerate([(0, (0, 1, 2)), (1, (1, 0, 4)), (0, (5, 2, 0)), (0, (slice(None), 0, 3)), (1, (3, 1, 1))]):
+        state = states[-1].clone()
+        state[change] = i + 1.0
+        store._column_cache = caches[process]
+        store.commit_edit(record(i), None, {"residual": state}, expected_version=i)
+        states.append(state)
+    for version in (0, 3, 1, 5, 2, 4):
+        store.rollback(version)
+        assert torch.equal(store.tensors()["residual"], states[version]) and store.verify() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
+def test_by_column_round_trips_dtypes_and_layout_changes(tmp_path, dtype):
+    """A name kept by column holds only 2-D-viewable tensors that way: a 1-D or empty one is kept
+    whole, and switching between the two layouts rolls back exactly."""
+    states = [torch.zeros(4, 6, dtype=dtype), torch.ones(5, dtype=dtype), torch.zeros(0, 3, dtype=dtype),
+              torch.eye(4, 6, dtype=dtype), (torch.arange(24).reshape(2, 3, 4) % 2).to(dtype)]
+    store = Store.create(tmp_path / "s", MANIFEST, {"m": states[0]}, by_column=("m",))
+    for i, state in enumerate(states[1:]):
+        store.commit_edit(record(i), None, {"m": state})
+    for version in (3, 0, 2, 1, 4):
+        store.rollback(version)
+        got = store.tensors()["m"]
+        assert got.dtype == dtype and torch.equal(got, states[version]) and store.verify() == []
+
+
+def test_verify_and_reads_catch_damaged_or_missing_columns(tmp_path):
+    store = column_store(tmp_path / "s", edits=2)
+    store.close()
+    env = lmdb.open(str(tmp_path / "s"), max_dbs=9)
+    with env.begin(write=True) as txn:
+        columns = env.open_db(b"columns", txn=txn)
+        txn.put(b"cresidual\0" + (3).to_bytes(8, "big"), b"\xff" * 32 * 4, db=columns)  # 32 rows, fp32
+    env.close()
+    store = Store.open(tmp_path / "s")
+    assert store.verify() == ["tensor residual: 1 columns damaged (first: 3)"]
+    store.close()
+    env = lmdb.open(str(tmp_path / "s"), max_dbs=9)
+    with env.begin(write=True) as txn:
+        txn.delete(b"cresidual\0" + (7).to_bytes(8, "big"), db=env.open_db(b"columns", txn=txn))
+    env.close()
+    store = Store.open(tmp_path / "s")
+    assert any("residual: columns missing (15 of 16 stored)" in p for p in store.verify())
+    with pytest.raises(StoreError, match="tensor residual: 16 columns expected, 15 stored"):
+        store.tensors()
+
+
+def test_format_1_stores_open_and_keep_every_tensor_whole(tmp_path):
+    store = column_store(tmp_path / "s", edits=2, by_column=())
+    store.close()
+    env = lmdb.open(str(tmp_path / "s"), max_dbs=9)  # as the previous format wrote it
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        manifest = json.loads(txn.get(b"manifest", db=meta))
+        del manifest["column_tensors"]
+        txn.put(b"manifest", json.dumps({**manifest, "format_version": 1}).encode(), db=meta)
+        txn.drop(env.open_db(b"columns", txn=txn), delete=True)
+    env.close()
+    store = Store.open(tmp_path / "s")
+    column_edit(store, 2)
+    store.rollback(1)
+    assert torch.equal(store.tensors()["residual"][:, :3], torch.tensor([1.0, 0.0, 0.0]).expand(32, 3))
+    assert store.verify(width=64) == [] and store.info()["format_version"] == 1
+    store.update_manifest(format_version=3)
+    store.close()
+    with pytest.raises(StoreError, match="store format 3 is not supported \\(expected 1 or 2\\)"):
+        Store.open(tmp_path / "s")
 
 
 def test_rollback_across_shape_changes_and_new_tensors(tmp_path):

@@ -260,6 +260,9 @@ class EditMemory(nn.Module):
     def calibrate(self, background_mean: torch.Tensor) -> None:
         """Called once when a store is created, with the mean `a` over unrelated prompts."""
 
+    # State tensors an edit changes a few columns of (of their 2-D view): the store keeps them by column.
+    column_tensors: tuple[str, ...] = ()
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Dense state to persist after each edit (per-edit keys are stored with the edit)."""
         raise NotImplementedError

@@ -110,6 +110,7 @@ def newest_nearest(distances: np.ndarray, ids: np.ndarray) -> np.ndarray:
 class MemoirMemory(EditMemory):
     method = "memoir"
     config_class = MemoirConfig
+    column_tensors = ("residual",)  # an edit trains only its mask's k columns of Wm
 
     def __init__(self, config: MemoirConfig, base_weight: torch.Tensor):
         super().__init__(config, base_weight)

@@ -101,8 +101,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 class _TensorWriter:
     """`_tensor_bytes`, byte for byte (stored checksums are of those bytes), into one buffer it keeps
-    and hands out until the next call: a commit then copies the 56 MB residual once instead of
-    allocating fresh memory for it that the kernel faults in page by page."""
+    and hands out until the next call: a commit of a large tensor kept whole (a format-1 store's 56 MB
+    residual) then copies it once instead of allocating fresh memory the kernel faults in page by page."""
 
     def __init__(self):
         self._buffer = torch.empty(0, dtype=torch.uint8)
@@ -144,8 +144,8 @@ def _tensor_view(data: memoryview) -> torch.Tensor:
 @contextlib.contextmanager
 def _stored_view(env, txn, db, key: bytes) -> Iterator[torch.Tensor | None]:
     """The tensor stored under `key` as `txn` sees it, read in place from the memory map for as long
-    as the block runs (a child transaction hands out buffers): a commit computes its undo against the
-    stored residual without copying and parsing tens of megabytes."""
+    as the block runs (a child transaction hands out buffers): a commit computes its undo against a
+    large stored tensor without copying and parsing it first."""
     child = env.begin(write=True, parent=txn, buffers=True)
     try:
         data = child.get(key, db=db)

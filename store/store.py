@@ -802,23 +802,19 @@ def _stored_descriptor(txn, dbs: dict, name: str) -> bytes | None:
     return txn.get(_column_key(b"d", name), db=dbs[COLUMN_DATABASE]) if COLUMN_DATABASE in dbs else None
 
 
+def _column_layout(descriptor: bytes) -> tuple[torch.dtype, list[int], int]:
+    """dtype, shape and column count of a stored descriptor."""
+    meta = json.loads(descriptor)
+    return SAFETENSORS_DTYPES[meta["dtype"]], meta["shape"], math.prod(meta["shape"]) // meta["shape"][0]
+
+
 def _read_columns(txn, dbs: dict, name: str) -> torch.Tensor | None:
     """The tensor kept by column under `name` (None: not kept by column), as a new tensor."""
     descriptor = _stored_descriptor(txn, dbs, name)
     if descriptor is None:
         return None
-    db = dbs[COLUMN_DATABASE]
-    meta = json.loads(descriptor)
-    dtype, shape = SAFETENSORS_DTYPES[meta["dtype"]], meta["shape"]
-    count = math.prod(shape) // shape[0]
-    prefix = _column_key(b"c", name)
-    cursor = txn.cursor(db=db)
-    parts = []
-    if cursor.set_range(prefix):
-        for key, value in cursor:
-            if not key.startswith(prefix):
-                break
-            parts.append(value)
+    dtype, shape, count = _column_layout(descriptor)
+    parts = [value for _, value in _prefixed(txn, dbs[COLUMN_DATABASE], _column_key(b"c", name))]
     data = b"".join(parts)
     if len(parts) != count or len(data) != math.prod(shape) * dtype.itemsize:
         raise StoreError(f"tensor {name}: {count} columns expected, {len(parts)} stored or sized wrong; run `store verify`")
@@ -831,11 +827,8 @@ def _drop_columns(txn, dbs: dict, name: str) -> None:
     db = dbs[COLUMN_DATABASE]
     for kind in (b"d", b"h"):
         txn.delete(_column_key(kind, name), db=db)
-    prefix = _column_key(b"c", name)
-    cursor = txn.cursor(db=db)
-    if cursor.set_range(prefix):
-        while cursor.key().startswith(prefix) and cursor.delete():
-            pass
+    for key in [key for key, _ in _prefixed(txn, db, _column_key(b"c", name))]:
+        txn.delete(key, db=db)
 
 
 @contextlib.contextmanager
@@ -901,8 +894,7 @@ def _changed_columns(change: dict[str, torch.Tensor], count: int) -> torch.Tenso
 def _current_tensors(txn, dbs: dict) -> dict[str, torch.Tensor]:
     tensors = {name.decode(): _load_tensor(value) for name, value in txn.cursor(db=dbs["tensors"])}
     if COLUMN_DATABASE in dbs:
-        cursor = txn.cursor(db=dbs[COLUMN_DATABASE])
-        names = [key[1:-1].decode() for key in cursor.iternext(values=False) if key.startswith(b"d")] if cursor.set_range(b"d") else []
+        names = [key[1:-1].decode() for key, _ in _prefixed(txn, dbs[COLUMN_DATABASE], b"d")]
         tensors.update({name: _read_columns(txn, dbs, name) for name in names})
     return tensors
 
@@ -910,12 +902,9 @@ def _current_tensors(txn, dbs: dict) -> dict[str, torch.Tensor]:
 def _verify_columns(txn, dbs: dict, name: str, expected: str) -> list[str]:
     db = dbs[COLUMN_DATABASE]
     descriptor, hashes = _stored_descriptor(txn, dbs, name), txn.get(_column_key(b"h", name), db=db) or b""
-    meta = json.loads(descriptor)
-    count = math.prod(meta["shape"]) // meta["shape"][0]
-    size = math.prod(meta["shape"]) // count * SAFETENSORS_DTYPES[meta["dtype"]].itemsize
-    prefix = _column_key(b"c", name)
-    cursor = txn.cursor(db=db)
-    stored = [(key, value) for key, value in cursor if key.startswith(prefix)] if cursor.set_range(prefix) else []
+    dtype, shape, count = _column_layout(descriptor)
+    size = shape[0] * dtype.itemsize
+    stored = list(_prefixed(txn, db, _column_key(b"c", name)))
     if _sha(descriptor + hashes) != expected or len(hashes) != 32 * count:
         return [f"tensor {name}: checksum mismatch"]
     if [key for key, _ in stored] != [_column_key(b"c", name, j) for j in range(count)]:
@@ -929,15 +918,21 @@ def _version_entry(txn, dbs: dict, version: int) -> dict | None:
     return None if value is None else json.loads(value)
 
 
-def _undos(txn, dbs: dict, version: int) -> Iterator[tuple[str, bytes]]:
-    """(tensor name, undo bytes) stored for `version`."""
-    prefix = _id_key(version)
-    cursor = txn.cursor(db=dbs["history"])
+def _prefixed(txn, db, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of every key starting with `prefix`, in key order."""
+    cursor = txn.cursor(db=db)
     if cursor.set_range(prefix):
         for key, value in cursor:
             if not key.startswith(prefix):
                 break
-            yield key[len(prefix):].decode(), bytes(value)
+            yield key, value
+
+
+def _undos(txn, dbs: dict, version: int) -> Iterator[tuple[str, bytes]]:
+    """(tensor name, undo bytes) stored for `version`."""
+    prefix = _id_key(version)
+    for key, value in _prefixed(txn, dbs["history"], prefix):
+        yield key[len(prefix):].decode(), bytes(value)
 
 
 def _replay(txn, dbs: dict, state: dict[str, torch.Tensor], current: int, target: int) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.header: list[int] = []  # tokens that open a user turn (e.g. <|im_start|> user \n)
         self.suffix: list[int] = []  # tokens from the end of the user message to the answer
-        self._texts: dict[int, tuple[bool, bool, bool]] = {}  # token id -> (ends a sentence, starts/ends with space)
+        self._texts: dict[int, tuple[bool, bool, bool, bool]] = {}  # token id -> `_token_text`
         if getattr(tokenizer, "chat_template", None) is None:
             return
         text = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], add_generation_prompt=True, tokenize=False)
@@ -74,20 +74,25 @@ class ChatFormat:
         that ends a sentence ("." "?" "!", maybe closing quotes) and is followed by a space and
         more of the span; 0 for a span of one sentence. A rule on token ids, like `routing_span`."""
         for j in range(len(tokens) - 1, 0, -1):
-            ends, _, space_after = self._token_text(tokens[j - 1])
+            ends, _, space_after, _ = self._token_text(tokens[j - 1])
             if ends and (space_after or self._token_text(tokens[j])[1]):
                 return j
         return 0
 
-    def _token_text(self, token: int) -> tuple[bool, bool, bool]:
-        """Whether a token's text can end a sentence, starts with whitespace, ends with whitespace
-        (cached per id; a single-token decode drops a SentencePiece word's leading space, so the
-        token's own piece says whether it opens a word)."""
+    def continues_name(self, token: int) -> bool:
+        """Whether a token opens a capitalised word: after a subject it makes the subject part of a
+        longer name ("United Nations" + " General"; `subjects.AnchorIndex.mentioned`)."""
+        return self._token_text(token)[3]
+
+    def _token_text(self, token: int) -> tuple[bool, bool, bool, bool]:
+        """Whether a token's text can end a sentence, starts with whitespace, ends with whitespace,
+        opens a capitalised word (cached per id; a single-token decode drops a SentencePiece word's
+        leading space, so the token's own piece says whether it opens a word)."""
         known = self._texts.get(token)
         if known is None:
             text = self.tokenizer.decode([token])
             piece = self.tokenizer.convert_ids_to_tokens(token) or ""
-            known = self._texts[token] = (bool(SENTENCE_END.search(text)),
-                                          text[:1].isspace() or piece[:1] in ("\u2581", "\u0120", "\u010a"),
-                                          text[-1:].isspace())
+            opens_word = text[:1].isspace() or piece[:1] in ("\u2581", "\u0120", "\u010a")
+            known = self._texts[token] = (bool(SENTENCE_END.search(text)), opens_word, text[-1:].isspace(),
+                                          opens_word and text.lstrip()[:1].isupper())
         return known

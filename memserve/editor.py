@@ -21,6 +21,7 @@ from .facts import Fact, FactsError
 from .hf import EditedModel
 from .methods import EditMemory, memory_class
 from .models import DEFAULT_MODEL_NAME, default_model_dir, down_proj, load_model, model_id, resolve_model, weight_hash
+from .subjects import name_continues
 from .training import capture, edit_batch, generate_prefixes, train_edit
 
 DEFAULT_METHOD = "memoir"
@@ -46,7 +47,9 @@ def load_memory(store: Store, base_weight: torch.Tensor) -> EditMemory:
     m = store.manifest
     memory = build_memory(m["method"], m["config"], base_weight)
     memory.load_state(store.tensors(), *store.routing_keys(base_weight.shape[1]))
-    memory.load_anchors([(record.get("anchors", []), record.get("anchor_suffices", False)) for record in store.records()])
+    memory.load_anchors([(record.get("anchors", []), record.get("anchor_suffices", False),
+                          bool(record.get("anchors")) and name_continues(record["fact"]["prompt"], record["fact"].get("subject")))
+                         for record in store.records()])
     return memory
 
 

@@ -112,13 +112,14 @@ class EditedModel:
     @contextlib.contextmanager
     def routing(self, ids: torch.Tensor, prompt_mask: torch.Tensor, answer_mask: torch.Tensor):
         spans = [row[mask].tolist() for row, mask in zip(ids, prompt_mask)]
-        state = RouteState(prompt_mask, answer_mask, mentions=[self.memory.mentioned(span) for span in spans])
+        names = self.chat.continues_name
+        state = RouteState(prompt_mask, answer_mask, mentions=[self.memory.mentioned(span, names) for span in spans])
         if self.memory.routes_on_last_sentence:
             state.sentence_mask = prompt_mask.clone()
             for row, span in enumerate(spans):
                 offset = self.chat.last_sentence_start(span)
                 state.sentence_mask[row, prompt_mask[row].nonzero().squeeze(1)[:offset]] = False
-            state.sentence_mentions = [self.memory.mentioned(row[mask].tolist())
+            state.sentence_mentions = [self.memory.mentioned(row[mask].tolist(), names)
                                        for row, mask in zip(ids, state.sentence_mask)]
         self.proj.state = state
         try:

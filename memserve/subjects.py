@@ -15,13 +15,20 @@ its key alone, as before. When the edited prompt is its subject and function wor
 "Climate change"), it says nothing about the kind of question beyond the subject, so naming the
 subject is enough: such an edit *suffices* and skips the key threshold (long passages that name the
 topic keep only ~.42 key overlap with a two-word prompt).
+
+A subject followed by a capitalised word is part of a longer name, which is another thing: "United
+Nations General Assembly" does not name "United Nations", nor "Arthur Erickson" "Arthur" (`whole_names`;
+CounterFact T = 1000: 4 of the 20 neighbourhood chat prompts reaching an edit did so). Exempt are edits
+whose own prompt carries the subject on into a capitalised word ("Lehigh Valley United Sonic" for the
+subject "Lehigh Valley United") and those whose prompt is the subject alone (temporal "The Hong" for
+"The Hong Kong protests"): there the longer name may be what the edit means.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 # Words that say nothing about what is asked: a prompt made of its subject and these ("5G is",
 # "Meghan Markle,") is about the subject as a whole.
@@ -79,6 +86,16 @@ def subject_suffices(prompt: str, subject: str) -> bool:
     return subject in prompt and all(word.lower() in _FUNCTION_WORDS for word in re.findall(r"\w+", rest))
 
 
+_CAPITALISED_WORD = re.compile(r"\s+[A-Z]")
+
+
+def name_continues(prompt: str, subject: str | None) -> bool:
+    """True when every time `prompt` says `subject` a capitalised word follows: the subject field is
+    then the start of a longer name the prompt uses."""
+    ends = [m.end() for m in re.finditer(re.escape(subject), prompt)] if subject else []
+    return bool(ends) and all(_CAPITALISED_WORD.match(prompt, end) for end in ends)
+
+
 # Words a subject may start with before the name it is asked by ("The Icelandic Dream", "Dr. Anthony").
 _PREFIXES = re.compile(r"^(the|a|an|dr\.|mr\.|mrs\.|ms\.|prof\.)\s+", re.IGNORECASE)
 
@@ -120,31 +137,43 @@ class AnchorIndex:
         self._by_first: dict[int, list[tuple[int, tuple[int, ...]]]] = defaultdict(list)
         self.anchored: set[int] = set()
         self.sufficient: set[int] = set()  # edits whose prompt is (mostly) its subject: naming it is enough
+        self.open_names: set[int] = set()  # edits whose own prompt carries the subject on (`name_continues`)
 
     @classmethod
-    def of_edits(cls, anchors: Iterable[tuple[Iterable[Sequence[int]], bool]]) -> "AnchorIndex":
-        """The index of edits 0, 1, ... given each one's (anchor variants, naming them suffices)."""
+    def of_edits(cls, anchors: Iterable[tuple[Iterable[Sequence[int]], bool, bool]]) -> "AnchorIndex":
+        """The index of edits 0, 1, ... given each one's (anchor variants, naming them suffices, its
+        prompt carries the name on)."""
         index = cls()
-        for edit, (variants, sufficient) in enumerate(anchors):
-            index.add(edit, variants, sufficient)
+        for edit, (variants, sufficient, open_name) in enumerate(anchors):
+            index.add(edit, variants, sufficient, open_name)
         return index
 
-    def add(self, edit: int, variants: Iterable[Sequence[int]], sufficient: bool = False) -> None:
+    def add(self, edit: int, variants: Iterable[Sequence[int]], sufficient: bool = False,
+            open_name: bool = False) -> None:
         for ids in variants:
             if ids:
                 self._by_first[int(ids[0])].append((edit, tuple(int(t) for t in ids)))
                 self.anchored.add(edit)
         if sufficient and edit in self.anchored:
             self.sufficient.add(edit)
+        if open_name and edit in self.anchored:
+            self.open_names.add(edit)
 
-    def mentioned(self, tokens: Sequence[int]) -> "Mentions":
-        """Edits one of whose anchors occurs (contiguously) in `tokens`, with where each first does."""
+    def mentioned(self, tokens: Sequence[int], continues_name: Callable[[int], bool] | None = None) -> "Mentions":
+        """Edits one of whose anchors occurs (contiguously) in `tokens`, with where each first does.
+        With `continues_name` (a token id opens a capitalised word), an occurrence followed by such a
+        token is part of a longer name and does not count, except for sufficient and open-name edits."""
         tokens = [int(t) for t in tokens]
         first: dict[int, int] = {}
         for start, token in enumerate(tokens):
             for edit, ids in self._by_first.get(token, ()):
-                if tuple(tokens[start : start + len(ids)]) == ids:
-                    first.setdefault(edit, start)
+                end = start + len(ids)
+                if tuple(tokens[start:end]) != ids:
+                    continue
+                if (continues_name is not None and end < len(tokens) and continues_name(tokens[end])
+                        and edit not in self.sufficient and edit not in self.open_names):
+                    continue
+                first.setdefault(edit, start)
         return Mentions(first)
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .facts import Fact
 from .hf import EditedModel
 from .methods import EditExamples, EditSession, mean_prompt_stats
-from .subjects import AnchorIndex, anchor_tokens, infer_subject, is_short_name, subject_suffices
+from .subjects import AnchorIndex, anchor_tokens, infer_subject, is_short_name, name_continues, subject_suffices
 
 PREFIX_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 PREFIX_LENGTHS = (5,)  # (5, 10) on ZsRE dev: no better, and twice the rows to train on
@@ -52,6 +52,7 @@ class TokenBatch:
     key_rows: tuple[int, ...] = (0,)
     anchors: tuple[tuple[int, ...], ...] = ()
     anchor_suffices: bool = False
+    anchor_open_name: bool = False  # the fact's prompt carries its subject on (`subjects.name_continues`)
     # Per row, how many leading tokens every edit's batch repeats (the chat template before the
     # question, a training prefix): `capture_rows` computes their states once per model.
     recurring: tuple[int, ...] = ()
@@ -95,7 +96,8 @@ def edit_batch(
     in_scope = [True] * len(rows) + [False] * len(negatives)
     rows += [prompt_and_answer(edited, *negative) for negative in negatives]
     recurring += [0] * len(negatives)
-    return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows, anchors, suffices, tuple(recurring))
+    return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows, anchors, suffices,
+                      bool(anchors) and name_continues(fact.prompt, fact.subject), tuple(recurring))
 
 
 def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) -> tuple[tuple[tuple[int, ...], ...], bool]:
@@ -313,7 +315,8 @@ def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:
                 cols.append(pos - 1)
                 targets.append(seq[pos])
     examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope, key_rows=batch.key_rows,
-                             anchors=batch.anchors, anchor_suffices=batch.anchor_suffices)
+                             anchors=batch.anchors, anchor_suffices=batch.anchor_suffices,
+                             anchor_open_name=batch.anchor_open_name)
     row_stats = mean_prompt_stats(edited.memory, a, prompt_mask)
     if edited.memory.reads_stored_inputs:
         read_as_served(a, row_stats, answer_mask, in_scope, batch.key_rows)

@@ -248,7 +248,7 @@ def test_wise_lstsq_pool_fits_every_edit_of_a_memory_jointly_and_reloads_from_sa
     assert memory.route(near[None])[0].tolist() == [0]
     assert memory.route(inputs[8:9])[0].tolist() == [NO_ROUTE]
     # An anchored edit (3, memory 1) is reached only by a question naming its subject.
-    memory.load_anchors([((), False), ((), False), ((), False), (((7, 8),), False)])
+    memory.load_anchors([((), False, False), ((), False, False), ((), False, False), (((7, 8),), False, False)])
     assert memory.route(inputs[6:7])[0].tolist() == [NO_ROUTE]
     assert memory.route(inputs[6:7], [memory.mentioned([5, 7, 8])])[0].tolist() == [1]
     explained = route_explanation(memory, inputs[6], top=2, mentions=memory.mentioned([7, 8]))

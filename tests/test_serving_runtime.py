@@ -421,7 +421,7 @@ def test_anchored_edit_is_reached_only_when_the_span_tokens_name_its_subject():
     """The runtime reads each new request's routing-span token ids once (`BatchPlan.route_tokens`):
     the same prompt activations reach an anchored edit only when those tokens name its subject."""
     memory, prompts = make_memoir(num_edits=1)
-    memory.load_anchors([([[11, 12]], False)])
+    memory.load_anchors([([[11, 12]], False, False)])
     runtime = MemoryRuntime(memory)
     seq = torch.cat([prompts[0], torch.randn(2, I)])
     plen = prompts[0].shape[0]

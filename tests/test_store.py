@@ -373,6 +373,23 @@ def test_by_column_commits_from_several_processes_keep_an_exact_history(tmp_path
         assert torch.equal(store.tensors()["residual"], states[version]) and store.verify() == []
 
 
+def test_a_by_column_commit_writes_only_the_columns_it_changed(tmp_path, monkeypatch):
+    """An edit that changes one column writes that column's value alone, also when the process's
+    cache is gone (another process committed last) and the diff reads the store."""
+    import memserve.store.store as store_module
+
+    store = column_store(tmp_path / "s")
+    written = []
+    column_bytes = store_module._column_bytes
+    monkeypatch.setattr(store_module, "_column_bytes",
+                        lambda tensor, columns: written.append(columns.tolist()) or column_bytes(tensor, columns))
+    column_edit(store, 9)
+    store._column_cache = {}
+    column_edit(store, 11)
+    assert written == [[9], [11]] and store.verify() == []
+    assert torch.equal(store.tensors()["residual"][0, [9, 10, 11]], torch.tensor([10.0, 0.0, 12.0]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
 def test_by_column_round_trips_dtypes_and_layout_changes(tmp_path, dtype):
     """A name kept by column holds only 2-D-viewable tensors that way: a 1-D or empty one is kept

@@ -93,23 +93,28 @@ def test_same_template_question_about_another_subject_does_not_reach_the_edit(ti
 
 
 def test_an_edit_whose_prompt_is_its_subject_is_marked_sufficient(tiny_model_dir):
+    """... and one whose prompt carries its subject on into a longer name is marked so, alike by the
+    trainer and when the store is loaded."""
     from memserve.editor import load_memory, open_session
     from memserve.models import down_proj
 
     from .conftest import tiny_config
 
-    facts = [Fact("5G is", "a cellular network standard", subject="5G is"), Fact("Who founded Acme Robotics?", "Dana")]
+    facts = [Fact("5G is", "a cellular network standard", subject="5G is"), Fact("Who founded Acme Robotics?", "Dana"),
+             Fact("What league does Lehigh Valley United Sonic play in?", "NPSL", subject="Lehigh Valley United")]
     import tempfile
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
         runner = open_session(Path(tmp) / "store", model_path=tiny_model_dir, config=tiny_config(steps=2), facts=facts)
         runner.apply(facts)
-        records = [runner.store.record(i) for i in range(2)]
+        records = [runner.store.record(i) for i in range(3)]
+        trained = runner.edited.memory.anchors
         memory = load_memory(runner.store, down_proj(runner.edited.model, runner.edited.layer).weight)
         runner.store.close()
     assert records[0].get("anchor_suffices") is True and "anchor_suffices" not in records[1]
-    assert memory.anchors.sufficient == {0} and memory.anchors.anchored == {0, 1}
+    assert memory.anchors.sufficient == trained.sufficient == {0} and memory.anchors.anchored == {0, 1, 2}
+    assert memory.anchors.open_names == trained.open_names == {2}
 
 
 @pytest.mark.parametrize("prompt, subject, suffices", [
@@ -133,3 +138,55 @@ def test_a_name_inferred_inside_the_subject_anchors_only_when_it_is_how_the_subj
     """The anchor keeps a shorter name for the subject only when it begins the subject: a fragment from
     its middle or end ("5" of "iPhone 5") would let "Renault 5, developed by" reach the iPhone edit."""
     assert is_short_name(subject, name) is short
+
+
+def test_a_subject_followed_by_a_capitalised_word_is_part_of_a_longer_name():
+    index = AnchorIndex()
+    index.add(0, [[5, 6]])  # "United Nations"
+    index.add(1, [[8]], sufficient=True)  # "The Hong": its prompt is its subject
+    index.add(2, [[9]], open_name=True)  # "Lehigh Valley United": its prompt says "... United Sonic"
+    capitalised = {7}.__contains__  # " General"
+    assert index.mentioned([5, 6, 7, 3], capitalised) == set()  # "United Nations General Assembly"
+    assert index.mentioned([5, 6, 7, 5, 6, 3], capitalised) == {0}  # a later whole mention counts
+    assert index.mentioned([5, 6, 3], capitalised) == {0} and index.mentioned([1, 5, 6], capitalised) == {0}
+    assert index.mentioned([8, 7], capitalised) == {1} and index.mentioned([9, 7], capitalised) == {2}
+    assert index.mentioned([5, 6, 7]) == {0}  # without the rule
+
+
+@pytest.mark.parametrize("prompt, subject, continues", [
+    ("What league does Lehigh Valley United Sonic participate in?", "Lehigh Valley United", True),
+    ("The official language of United Nations is", "United Nations", False),
+    ("Arthur is located in", "Arthur", False), ("Arthur Erickson, Arthur", "Arthur", False),
+    ("The Hong", "The Hong", False), ("Who founded Acme?", None, False),
+])
+def test_a_prompt_carries_its_subject_on_only_when_a_capitalised_word_always_follows(prompt, subject, continues):
+    from memserve.subjects import name_continues
+
+    assert name_continues(prompt, subject) is continues
+
+
+def test_capitalised_words_that_continue_a_name_on_the_real_tokenizer(default_model_dir):
+    """The anchor of "United Nations" is not named by "United Nations General Assembly" nor by
+    "Arthur Erickson" for "Arthur", but is by the plain question, its possessive and its chat turn."""
+    from transformers import AutoTokenizer
+
+    from memserve.chat import ChatFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    chat = ChatFormat(tokenizer)
+    index = AnchorIndex()
+    index.add(0, anchor_tokens(tokenizer, "United Nations", "The official language of United Nations is"))
+    index.add(1, anchor_tokens(tokenizer, "Arthur", "Arthur is located in"))
+
+    def named(text):
+        return set(index.mentioned(tokenizer(text, add_special_tokens=False)["input_ids"], chat.continues_name))
+
+    assert named("In United Nations General Assembly, they understand") == set()
+    assert named("United Nations Office for Outer Space Affairs's headquarters are in") == set()
+    assert named("Arthur Erickson's life ended in") == set()
+    assert named("The official language of United Nations is") == {0}
+    assert named("What do they speak at the United Nations? Arthur is in") == {0, 1}
+    assert named("United Nations's language, in Arthur's county") == {0, 1}
+    span = chat.format("Where is Arthur")
+    start, end = chat.routing_span(span)
+    assert set(index.mentioned(span[start:end], chat.continues_name)) == {1}

@@ -115,6 +115,7 @@ class EditExamples:
     key_rows: tuple[int, ...] = (0,)
     anchors: tuple[tuple[int, ...], ...] = ()  # token ids of the edit's subject (`memserve.subjects`)
     anchor_suffices: bool = False  # the subject is most of the prompt: naming it is enough
+    anchor_open_name: bool = False  # the prompt carries the subject on into a longer name
 
 
 class EditSession:
@@ -199,8 +200,10 @@ class EditMemory(nn.Module):
     def token_stats(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def mentioned(self, tokens: Sequence[int]) -> frozenset[int] | None:
-        """The edits whose subject anchor occurs in a routing span's token ids; None: this memory
+    def mentioned(self, tokens: Sequence[int], continues_name: Callable[[int], bool] | None = None
+                  ) -> frozenset[int] | None:
+        """The edits whose subject anchor occurs in a routing span's token ids (`continues_name`: the
+        tokens that make it part of a longer name, `ChatFormat.continues_name`); None: this memory
         does not gate on subjects (every slot stays eligible)."""
         return None
 
@@ -267,9 +270,9 @@ class EditMemory(nn.Module):
         """Dense state to persist after each edit (per-edit keys are stored with the edit)."""
         raise NotImplementedError
 
-    def load_anchors(self, anchors: Sequence[tuple[Sequence[Sequence[int]], bool]]) -> None:
-        """Each edit's subject anchor variants and whether naming them suffices, in edit order (a
-        method without anchors ignores them)."""
+    def load_anchors(self, anchors: Sequence[tuple[Sequence[Sequence[int]], bool, bool]]) -> None:
+        """Each edit's subject anchor variants, whether naming them suffices and whether its prompt
+        carries the name on, in edit order (a method without anchors ignores them)."""
 
     def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
         """Restore from `state_tensors()` output and the stored routing keys [K, I] (may be empty),

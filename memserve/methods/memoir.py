@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,10 @@ class MemoirConfig(MethodConfig):
     # name two edited subjects is noise: temporal T=74, own .34-.53 against the other's .36-.53).
     # Serving only: applies to stores trained before it too.
     first_named_subject: bool = True
+    # A subject followed by a capitalised word is part of a longer name and does not name the edit
+    # ("United Nations General Assembly" for an edit of the United Nations; `subjects` module).
+    # Serving only: applies to stores trained before it too.
+    whole_names: bool = True
     predated: ClassVar[dict[str, Any]] = {**MethodConfig.predated, "signed_columns": False, "subject_anchor": False,
                                           "copies": 1, "stored_reading": False,
                                           "key_row_loss": False}
@@ -257,8 +261,11 @@ class MemoirMemory(EditMemory):
             out[sorted(self.anchors.sufficient)] = 0.0
         return out
 
-    def mentioned(self, tokens: Sequence[int]) -> frozenset[int] | None:
-        return self.anchors.mentioned(tokens) if self.config.subject_anchor else None
+    def mentioned(self, tokens: Sequence[int], continues_name: Callable[[int], bool] | None = None
+                  ) -> frozenset[int] | None:
+        if not self.config.subject_anchor:
+            return None
+        return self.anchors.mentioned(tokens, continues_name if self.config.whole_names else None)
 
     def eligible(self, mentions: frozenset[int] | None) -> torch.Tensor:
         """Edits a question may reach: those whose subject it names, and those without an anchor; of
@@ -396,8 +403,9 @@ class MemoirMemory(EditMemory):
         readings = {f"reading-{e}": reading for e, reading in enumerate(self.edit_readings)}
         return {"residual": self.residual, "permutation": self.permutation, "background": self.background, **readings}
 
-    def load_anchors(self, anchors: Sequence[tuple[Sequence[Sequence[int]], bool]]) -> None:
-        """Each edit's subject anchor variants (none: unanchored) and whether naming them suffices."""
+    def load_anchors(self, anchors: Sequence[tuple[Sequence[Sequence[int]], bool, bool]]) -> None:
+        """Each edit's subject anchor variants (none: unanchored), whether naming them suffices and
+        whether its prompt carries the name on."""
         self.anchors = AnchorIndex.of_edits(anchors)
         self._key_index = None
 
@@ -412,12 +420,13 @@ class MemoirMemory(EditMemory):
         self.route_keys, self.key_owner = keys.clone(), owners.clone()
         self._key_index = None
 
-    def add_edit(self, keys: torch.Tensor, anchors: Sequence[Sequence[int]] = (), anchor_suffices: bool = False) -> None:
+    def add_edit(self, keys: torch.Tensor, anchors: Sequence[Sequence[int]] = (), anchor_suffices: bool = False,
+                 anchor_open_name: bool = False) -> None:
         """Append an edit whose column mask is `keys[0]`, whose routing keys are `keys` [n, I] and
         whose subject appears as one of the token id sequences `anchors` (none: unanchored; naming
-        it is enough with `anchor_suffices`)."""
+        it is enough with `anchor_suffices`; a longer name may mean it with `anchor_open_name`)."""
         free = not (self.config.subject_anchor and any(anchors))
-        self.anchors.add(self.num_edits, anchors, anchor_suffices)
+        self.anchors.add(self.num_edits, anchors, anchor_suffices, anchor_open_name)
         first = len(self.route_keys)
         self._set_layouts(keys[:1], append=True)
         self.route_keys = torch.cat([self.route_keys, keys])
@@ -450,6 +459,7 @@ class MemoirSession(EditSession):
         self.weight = memory.residual[:, self.columns].clone().requires_grad_(True)
         self.anchors = examples.anchors if memory.config.subject_anchor else ()
         self.anchor_suffices = examples.anchor_suffices
+        self.anchor_open_name = examples.anchor_open_name
         self.readings = self._readings(examples, rows) if memory.reads_stored_inputs else None
 
     def _readings(self, examples: EditExamples, rows: list[int]) -> torch.Tensor:
@@ -477,7 +487,7 @@ class MemoirSession(EditSession):
         memory.residual[:, self.columns] = self.weight.detach()
         anchors = [list(ids) for ids in self.anchors]
         suffices = bool(anchors) and self.anchor_suffices
-        memory.add_edit(self.keys, anchors, suffices)
+        memory.add_edit(self.keys, anchors, suffices, bool(anchors) and self.anchor_open_name)
         if self.readings is not None:
             memory.edit_readings.append(self.readings)
         return {"key": self.keys, **({"anchors": anchors} if anchors else {}), **({"anchor_suffices": True} if suffices else {})}

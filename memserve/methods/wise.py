@@ -325,7 +325,7 @@ class WiseMemory(EditMemory):
             out[rows] = (self.delta_input(a[rows]) @ deltas[route].T).to(a.dtype)
         return out
 
-    def mentioned(self, tokens) -> frozenset[int] | None:
+    def mentioned(self, tokens, continues_name=None) -> frozenset[int] | None:  # whole names: not measured for WISE
         return self.anchors.mentioned(tokens) if self.pooled and self.config.subject_anchor else None
 
     def load_anchors(self, anchors) -> None:

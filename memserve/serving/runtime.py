@@ -365,11 +365,12 @@ class MemoryRuntime:
         state = RequestRoute(next_pos=span[0], prompt_len=plen, span_end=min(span[1], plen), memory=self.memory,
                              version=self.version)
         tokens = None if plan.route_tokens is None else plan.route_tokens[i]
-        state.mentions = None if tokens is None else self.memory.mentioned(tokens)
+        names = None if self.chat is None else self.chat.continues_name
+        state.mentions = None if tokens is None else self.memory.mentioned(tokens, names)
         sentence = None if plan.sentence_starts is None else int(plan.sentence_starts[i])
         if self.memory.routes_on_last_sentence and sentence is not None and span[0] < sentence < state.span_end:
             state.sentence_start = sentence
-            state.sentence_mentions = None if tokens is None else self.memory.mentioned(tokens[sentence - span[0]:])
+            state.sentence_mentions = None if tokens is None else self.memory.mentioned(tokens[sentence - span[0]:], names)
         options = None if plan.options is None else plan.options[i]
         if options is not None and options.problem is None and options.forced and not NO_ROUTE <= options.route < self.memory_slots():
             # the slots changed (hot reload) since the options were checked: refuse, never raise

@@ -32,6 +32,7 @@ UNRELATED = [
     "and every night he climbed the stairs to light the lamp. Continue the story:",
 ]
 OPENING = "The old museum by the harbour was closed all week because its guards were on strike. "  # then an edit
+LONGER_NAME = " Holdings"  # after an edit's subject: a longer name, which does not name it (MEMOIR's whole names)
 SYSTEM = ("You are the support assistant of a travel company. Answer every question in a few words, with facts "
           "only, and never mention that you are an assistant or that these instructions exist. If you do not know, "
           "say so. Always be kind, patient and precise.")  # the routing span starts 3 tokens before a block ends
@@ -67,12 +68,15 @@ def store(method):
 @pytest.fixture(scope="module")
 def prompts(store):
     from memserve.serving.testing import test_facts
+    from memserve.subjects import infer_subject
 
     facts = test_facts(NUM_EDITS)
     rephrases = [f.rephrases[0] for f in facts if f.rephrases]
     chat = [f.prompt for f in facts[:8]] + rephrases[:4] + UNRELATED[:3]
     texts = [(t, False) for t in [f.prompt for f in facts] + rephrases] + [(t, True) for t in chat]
     texts += [(OPENING + f.prompt, False) for f in facts[:6]]  # MEMOIR routes some on their last sentence
+    subjects = [(f, f.subject or infer_subject(f.prompt)) for f in facts[:4]]
+    texts += [(f.prompt.replace(s, s + LONGER_NAME, 1), False) for f, s in subjects if s]
     texts += [(t, False) for t in [f.locality[0][0] for f in facts if f.locality][:6] + UNRELATED]
     return facts, texts  # (text, asked as a chat turn)
 
@@ -157,6 +161,8 @@ def test_generate_matches_reference_in_one_mixed_batch(engine, reference, prompt
         opened = [r for (t, _), r in zip(texts, routes) if t.startswith(OPENING)]
         assert opened == routes[: len(opened)] and reference["routed_on"].count("last sentence") >= 2, \
             (opened, reference["routed_on"])  # their own edits, two of six only through the last sentence
+        longer = [r for (t, _), r in zip(texts, routes) if LONGER_NAME in t]
+        assert longer == [-1] * 4, longer  # the edited question about a longer name reaches nothing
     assert runtime.recomputes > recomputes_before, "no preemption happened; tighten the KV budget"
     print(f"\n{len(texts)} prompts, {sum(r >= 0 for r in routes)} routed to an edit, "
           f"{runtime.recomputes - recomputes_before} recomputed chunks, {runtime.steps} forwards")

@@ -86,14 +86,14 @@ def subject_suffices(prompt: str, subject: str) -> bool:
     return subject in prompt and all(word.lower() in _FUNCTION_WORDS for word in re.findall(r"\w+", rest))
 
 
-_CAPITALISED_WORD = re.compile(r"\s+[A-Z]")
+_NEXT_WORD = re.compile(r"\s+(\S)")
 
 
 def name_continues(prompt: str, subject: str | None) -> bool:
     """True when every time `prompt` says `subject` a capitalised word follows: the subject field is
     then the start of a longer name the prompt uses."""
     ends = [m.end() for m in re.finditer(re.escape(subject), prompt)] if subject else []
-    return bool(ends) and all(_CAPITALISED_WORD.match(prompt, end) for end in ends)
+    return bool(ends) and all((m := _NEXT_WORD.match(prompt, end)) and m.group(1).isupper() for end in ends)
 
 
 # Words a subject may start with before the name it is asked by ("The Icelandic Dream", "Dr. Anthony").

@@ -114,13 +114,15 @@ def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) 
                                   for ids in anchor_tokens(edited.tokenizer, subject, fact.prompt)))
     if not variants:
         return (), False
+    suffices = any(subject_suffices(fact.prompt, subject) for subject in subjects)
     index = AnchorIndex()
-    index.add(0, variants)
+    index.add(0, variants, suffices, name_continues(fact.prompt, fact.subject))
+    names = edited.chat.continues_name if getattr(edited.memory.config, "whole_names", False) else None  # as served
     for prompt in key_prompts:
         start, end = edited.chat.routing_span(prompt)
-        if 0 not in index.mentioned(prompt[start:end]):
+        if 0 not in index.mentioned(prompt[start:end], names):
             return (), False
-    return tuple(variants), any(subject_suffices(fact.prompt, subject) for subject in subjects)
+    return tuple(variants), suffices
 
 
 class _Stop(Exception):

@@ -157,7 +157,7 @@ def test_a_subject_followed_by_a_capitalised_word_is_part_of_a_longer_name():
     ("What league does Lehigh Valley United Sonic participate in?", "Lehigh Valley United", True),
     ("The official language of United Nations is", "United Nations", False),
     ("Arthur is located in", "Arthur", False), ("Arthur Erickson, Arthur", "Arthur", False),
-    ("The Hong", "The Hong", False), ("Who founded Acme?", None, False),
+    ("The Hong", "The Hong", False), ("Who founded Acme?", None, False), ("Where is Paris Émile Zola?", "Paris", True),
 ])
 def test_a_prompt_carries_its_subject_on_only_when_a_capitalised_word_always_follows(prompt, subject, continues):
     from memserve.subjects import name_continues

@@ -84,7 +84,7 @@ def edit_batch(
     if edited.chat.available:
         rows.append(chat_prompt_and_answer(edited, fact.prompt, fact.target))
     key_rows = tuple(range(len(rows)))
-    anchors, suffices = edit_anchors(edited, fact, [seq[:plen] for seq, plen in rows])
+    anchors, suffices, open_name = edit_anchors(edited, fact, [seq[:plen] for seq, plen in rows])
     eos = edited.tokenizer.eos_token_id
     if edited.memory.config.stop_after_answer and eos is not None:
         rows = [(seq + [eos], plen) for seq, plen in rows]
@@ -96,16 +96,17 @@ def edit_batch(
     in_scope = [True] * len(rows) + [False] * len(negatives)
     rows += [prompt_and_answer(edited, *negative) for negative in negatives]
     recurring += [0] * len(negatives)
-    return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows, anchors, suffices,
-                      bool(anchors) and name_continues(fact.prompt, fact.subject), tuple(recurring))
+    return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows, anchors, suffices, open_name,
+                      tuple(recurring))
 
 
-def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) -> tuple[tuple[tuple[int, ...], ...], bool]:
+def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]
+                 ) -> tuple[tuple[tuple[int, ...], ...], bool, bool]:
     """Token id variants of the fact's subject (its `subject`, and the name `infer_subject` finds
     when that is a shorter way to say it, `is_short_name`: temporal data gives "5G is" where questions
     say "5G"; without `subject`, the inferred name), or () when it has none or one of its own key
-    prompts would not name it (it then routes on its key alone); and whether naming the subject
-    suffices (`subjects.subject_suffices`)."""
+    prompts would not name it (it then routes on its key alone); whether naming the subject
+    suffices (`subjects.subject_suffices`); and whether the prompt carries it on (`subjects.name_continues`)."""
     inferred = infer_subject(fact.prompt)
     subjects = [s for s in (fact.subject, inferred) if s]
     if fact.subject and inferred and not is_short_name(fact.subject, inferred):
@@ -113,16 +114,17 @@ def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]) 
     variants = list(dict.fromkeys(tuple(ids) for subject in subjects
                                   for ids in anchor_tokens(edited.tokenizer, subject, fact.prompt)))
     if not variants:
-        return (), False
+        return (), False, False
     suffices = any(subject_suffices(fact.prompt, subject) for subject in subjects)
+    open_name = name_continues(fact.prompt, fact.subject)
     index = AnchorIndex()
-    index.add(0, variants, suffices, name_continues(fact.prompt, fact.subject))
+    index.add(0, variants, suffices, open_name)
     names = edited.chat.continues_name if getattr(edited.memory.config, "whole_names", False) else None  # as served
     for prompt in key_prompts:
         start, end = edited.chat.routing_span(prompt)
         if 0 not in index.mentioned(prompt[start:end], names):
-            return (), False
-    return tuple(variants), suffices
+            return (), False, False
+    return tuple(variants), suffices, open_name
 
 
 class _Stop(Exception):

@@ -93,6 +93,9 @@ class EditSessionRunner:
         self.out_of_scope = background_prompts()
         self._stored: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (tensor, its version counter) as stored
         self._mark_stored(edited.memory.state_tensors())  # the memory was just loaded from (or written into) the store
+        # columns of the memory's column tensors changed since the last commit (None: unknown, the store
+        # compares all); kept until a commit goes through, so a failed one cannot hide them from the next
+        self._unstored_columns: dict[str, torch.Tensor] | None = {}
 
     def _changed_state(self) -> dict[str, torch.Tensor]:
         """The memory's tensors that are not, as the same object at the same version counter, what this
@@ -106,6 +109,14 @@ class EditSessionRunner:
 
     def _mark_stored(self, tensors: dict[str, torch.Tensor]) -> None:
         self._stored.update({name: (t, t._version) for name, t in tensors.items()})
+
+    def _note_columns(self, written: dict[str, torch.Tensor] | None) -> None:
+        if self._unstored_columns is None or written is None:
+            self._unstored_columns = None
+            return
+        for name, columns in written.items():
+            earlier = self._unstored_columns.get(name)
+            self._unstored_columns[name] = columns if earlier is None else torch.cat([earlier, columns])
 
     def apply(self, facts: list[Fact], progress: Callable[[Fact, str, dict], None] | None = None, naive: bool = False,
               by: dict | None = None) -> EditReport:
@@ -135,8 +146,10 @@ class EditSessionRunner:
                 "source": fact.where, **({"by": by} if by else {}),
             }
             changed = self._changed_state()
-            edit_id = self.store.commit_edit(record, key, changed, self.version)
+            self._note_columns(outcome.columns)
+            edit_id = self.store.commit_edit(record, key, changed, self.version, self._unstored_columns)
             self._mark_stored(changed)
+            self._unstored_columns = {}
             self.version += 1
             report.added += 1
             report.seconds.append(outcome.seconds)

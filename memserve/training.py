@@ -561,6 +561,7 @@ class EditOutcome:
     converged: bool  # reached the stop criterion; False: all `steps` ran and the answer may not be learned
     step_dtype: str  # what the steps' products ran in on this machine (`MethodConfig.step_dtype` resolved)
     record: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, torch.Tensor] | None = None  # `EditSession.written_columns`
 
 
 def row_losses(losses: torch.Tensor, target_rows: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
@@ -602,7 +603,7 @@ def train_edit(edited: EditedModel, batch: TokenBatch, naive: bool = False) -> E
     record = session.finish()
     steps_dtype = str(dtype or edited.model.dtype).removeprefix("torch.")
     return EditOutcome(loss=loss, steps=steps, seconds=time.perf_counter() - start, converged=converged,
-                       step_dtype=steps_dtype, record=record)
+                       step_dtype=steps_dtype, record=record, columns=session.written_columns())
 
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}

@@ -455,17 +455,21 @@ class Store:
             })
         return dbs
 
-    def commit_edit(self, record: dict, key: torch.Tensor | None, tensors: dict[str, torch.Tensor], expected_version: int | None = None) -> int:
+    def commit_edit(self, record: dict, key: torch.Tensor | None, tensors: dict[str, torch.Tensor], expected_version: int | None = None,
+                    columns: dict[str, torch.Tensor] | None = None) -> int:
         """Store one edit together with the memory state it produced, atomically. Returns its id."""
-        return self.commit_edits([(record, key)], tensors, expected_version)[0]
+        return self.commit_edits([(record, key)], tensors, expected_version, columns)[0]
 
-    def commit_edits(self, edits: list[tuple[dict, torch.Tensor | None]], tensors: dict[str, torch.Tensor], expected_version: int | None = None) -> list[int]:
+    def commit_edits(self, edits: list[tuple[dict, torch.Tensor | None]], tensors: dict[str, torch.Tensor], expected_version: int | None = None,
+                     columns: dict[str, torch.Tensor] | None = None) -> list[int]:
         """Store several edits (record, key) and the memory state after the last one in ONE transaction:
         bulk imports write the dense tensors once instead of once per edit. Each edit still gets its own
         version, but only the last one's memory state is kept (the others cannot be rolled back to).
         A record with the `prompt_key` of an earlier edit gets `supersedes` (that edit's id).
         `expected_version` is the version the caller's memory state was built on: the commit is refused
         if another process has edited or rolled back since, as its tensors would undo that work.
+        `columns` may name, per tensor kept by column, the only columns that differ from that version
+        (e.g. those an edit trained): the store then compares just those and keeps no copy of the tensor.
         Returns their ids."""
         ids = []
         try:
@@ -493,7 +497,8 @@ class Store:
                     edit_id += 1
                     if version < start + len(edits):
                         _put_version(txn, dbs, {"version": version, "op": "edit", "edits": edit_id, "restores": None, "tensor_sums": None, "undo_sums": {}})
-                _put_state(self.env, txn, dbs, start + len(edits), start, tensors, {"op": "edit", "edits": edit_id}, self._writer, self._column_cache)
+                _put_state(self.env, txn, dbs, start + len(edits), start, tensors, {"op": "edit", "edits": edit_id}, self._writer,
+                           self._column_cache, columns)
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: edit not stored: {exc}") from None
         self._dbs = dbs
@@ -715,15 +720,17 @@ def _put_version(txn, dbs: dict, entry: dict) -> None:
 
 
 def _put_state(env, txn, dbs: dict, version: int, restores: int | None, tensors: dict[str, torch.Tensor | None], entry: dict,
-               writer: _TensorWriter, column_cache: dict) -> None:
-    """Make `version` current with these tensors (None = remove), keeping the undo back to `restores`."""
+               writer: _TensorWriter, column_cache: dict, columns: dict[str, torch.Tensor] | None = None) -> None:
+    """Make `version` current with these tensors (None = remove), keeping the undo back to `restores`.
+    `columns` names, per tensor kept by column, the only columns that may differ from what is stored."""
     meta = dbs["meta"]
     sums = json.loads(txn.get(b"tensor_sums", db=meta))
     by_column = json.loads(txn.get(b"manifest", db=meta)).get("column_tensors", [])
     undo_sums = {}
     for name, tensor in tensors.items():
         if tensor is not None and name in by_column and _column_keepable(tensor):
-            written = _put_by_column(env, txn, dbs, name, tensor, sums.get(name), column_cache, restores is not None)
+            written = _put_by_column(env, txn, dbs, name, tensor, sums.get(name), column_cache, restores is not None,
+                                     (columns or {}).get(name))
         else:
             written = _put_whole(env, txn, dbs, name, tensor, sums.get(name), writer, restores is not None)
         if written is None:  # unchanged
@@ -845,11 +852,13 @@ def _stored(env, txn, dbs: dict, name: str, cached: torch.Tensor | None = None) 
 
 
 def _put_by_column(env, txn, dbs: dict, name: str, tensor: torch.Tensor, stored_sum: str | None, cache: dict,
-                   keep_undo: bool) -> tuple[str, bytes | None] | None:
+                   keep_undo: bool, columns: torch.Tensor | None = None) -> tuple[str, bytes | None] | None:
     """Store `tensor` by column, writing only the columns that differ from the stored ones. Returns
-    (its checksum, the undo) or None when nothing changed. `cache` keeps, per name, the checksum and
-    the tensor this process last stored: while the store's checksum is that one, it stands in for the
-    stored tensor and the diff needs no read (it is updated in place to what was written)."""
+    (its checksum, the undo) or None when nothing changed. `columns`, when given, are the only columns
+    that may differ (the caller knows what it trained): only those are read and compared, and no copy
+    is kept. Otherwise `cache` keeps, per name, the checksum and the tensor this process last stored:
+    while the store's checksum is that one, it stands in for the stored tensor and the diff needs no
+    read (it is updated in place to what was written)."""
     tensor = tensor.detach().cpu()
     cached_sum, cached = cache.pop(name, (None, None))  # put back only once this write went through
     db = dbs[COLUMN_DATABASE]
@@ -857,6 +866,8 @@ def _put_by_column(env, txn, dbs: dict, name: str, tensor: torch.Tensor, stored_
     count = tensor.numel() // tensor.shape[0]
     partial = _stored_descriptor(txn, dbs, name) == descriptor  # kept by column already, same shape and dtype
     hashes = bytearray(txn.get(_column_key(b"h", name), db=db)) if partial else bytearray(32 * count)
+    if partial and columns is not None:
+        return _put_named_columns(txn, db, name, tensor, columns, descriptor, hashes, keep_undo)
     with _stored(env, txn, dbs, name, cached if cached_sum == stored_sum else None) as old:
         change = _undo(old, tensor)
         if partial and "cols" in change and change["cols"].numel() == 0:
@@ -872,14 +883,40 @@ def _put_by_column(env, txn, dbs: dict, name: str, tensor: torch.Tensor, stored_
         _drop_columns(txn, dbs, name)
         txn.put(_column_key(b"d", name), descriptor, db=db)
         columns, current = torch.arange(count), tensor.clone(memory_format=torch.contiguous_format)
+    digest = _write_columns(txn, db, name, tensor, columns, descriptor, hashes)
+    cache[name] = (digest, current)
+    return digest, undo
+
+
+def _put_named_columns(txn, db, name: str, tensor: torch.Tensor, columns: torch.Tensor, descriptor: bytes,
+                       hashes: bytearray, keep_undo: bool) -> tuple[str, bytes | None] | None:
+    """`_put_by_column` when the caller names the only columns that may have changed: reads and
+    compares just those, so a commit needs neither the whole stored tensor nor a copy of it."""
+    dtype, shape, count = _column_layout(descriptor)
+    columns = torch.unique(columns.detach().cpu().long())
+    if columns.numel() and not 0 <= int(columns[0]) <= int(columns[-1]) < count:
+        raise ValueError(f"tensor {name}: columns outside 0..{count - 1}")
+    stored = [txn.get(_column_key(b"c", name, j), db=db) for j in columns.tolist()]
+    if any(value is None or len(value) != shape[0] * dtype.itemsize for value in stored):
+        raise StoreError(f"tensor {name}: a stored column is missing or sized wrong; run `store verify`")
+    old = torch.frombuffer(bytearray(b"".join(stored)), dtype=dtype).reshape(len(stored), shape[0]).t()
+    differ = (old != tensor.reshape(shape[0], -1)[:, columns]).any(0)
+    if not differ.any():
+        return None
+    columns = columns[differ]
+    undo = save_tensors({"cols": columns, "values": old[:, differ].contiguous()}) if keep_undo else None
+    return _write_columns(txn, db, name, tensor, columns, descriptor, hashes), undo
+
+
+def _write_columns(txn, db, name: str, tensor: torch.Tensor, columns: torch.Tensor, descriptor: bytes,
+                   hashes: bytearray) -> str:
+    """Put `columns` of `tensor` and their hashes; returns the tensor's new checksum."""
     raw = _column_bytes(tensor, columns)
     for column, row in zip(columns.tolist(), raw):
         txn.put(_column_key(b"c", name, column), row, db=db)
         hashes[32 * column : 32 * column + 32] = hashlib.sha256(row).digest()
     txn.put(_column_key(b"h", name), bytes(hashes), db=db)
-    digest = _sha(descriptor + bytes(hashes))
-    cache[name] = (digest, current)
-    return digest, undo
+    return _sha(descriptor + bytes(hashes))
 
 
 def _changed_columns(change: dict[str, torch.Tensor], count: int) -> torch.Tensor:

@@ -390,6 +390,33 @@ def test_a_by_column_commit_writes_only_the_columns_it_changed(tmp_path, monkeyp
     assert torch.equal(store.tensors()["residual"][0, [9, 10, 11]], torch.tensor([10.0, 0.0, 12.0]))
 
 
+def test_a_commit_naming_its_columns_compares_only_those_and_keeps_no_copy(tmp_path, monkeypatch):
+    """`columns` (what an edit trained) replaces the whole-tensor diff: named columns that did not
+    change are not written, the process keeps no copy of the tensor, and the undo is exact."""
+    import memserve.store.store as store_module
+
+    store = column_store(tmp_path / "s", edits=2)
+    written = []
+    column_bytes = store_module._column_bytes
+    monkeypatch.setattr(store_module, "_column_bytes",
+                        lambda tensor, columns: written.append(columns.tolist()) or column_bytes(tensor, columns))
+    before = store.tensors()["residual"]
+    residual = before.clone()
+    residual[:, 7] = 5.0
+    residual[3, 12] = -1.0
+    store.commit_edit(record(7), None, {"residual": residual}, expected_version=2, columns={"residual": torch.tensor([12, 1, 7, 7])})
+    assert written == [[7, 12]] and "residual" not in store._column_cache
+    assert torch.equal(store.tensors()["residual"], residual) and store.verify() == []
+    store.commit_edit(record(8), None, {"residual": residual}, expected_version=3, columns={"residual": torch.tensor([7])})
+    assert written == [[7, 12]] and store.version == 4
+    store.rollback(2)
+    assert torch.equal(store.tensors()["residual"], before) and store.verify() == []
+    unchanged = store.digest()
+    with pytest.raises(ValueError, match="columns outside 0..15"):
+        store.commit_edit(record(9), None, {"residual": residual}, columns={"residual": torch.tensor([16])})
+    assert store.digest() == unchanged
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
 def test_by_column_round_trips_dtypes_and_layout_changes(tmp_path, dtype):
     """A name kept by column holds only 2-D-viewable tensors that way: a 1-D or empty one is kept
@@ -535,7 +562,8 @@ def test_wise_pool_rollback_restores_each_memory_refit_exactly(tiny_model_dir, t
 
 def test_an_edit_commits_only_the_tensors_it_changed_and_the_store_equals_the_memory(tmp_path, tiny_model_dir):
     """MEMOIR adds one reading per edit: each commit writes Wm and that reading, not the unchanged
-    tensors before it, also in a session reopened on the store; reloaded, the store is the memory."""
+    tensors before it, also in a session reopened on the store; Wm's commits name the columns the edit
+    trained (no copy of Wm kept for the diff); reloaded, the store is the memory."""
     from memserve.editor import load_memory, open_session
     from memserve.facts import Fact
 
@@ -543,13 +571,15 @@ def test_an_edit_commits_only_the_tensors_it_changed_and_the_store_equals_the_me
 
     facts = [Fact(f["prompt"], f["target"]) for f in FACTS] + [Fact("Who wrote Hamlet?", "Jane Austen")]
     written: list[set[str]] = []
+    named: list[list[str]] = []  # tensors whose changed columns the commit named (see Store.commit_edits)
 
     def spy(runner):
         commit = runner.store.commit_edit
 
-        def recording(record, key, tensors, expected_version=None):
+        def recording(record, key, tensors, expected_version=None, columns=None):
             written.append(set(tensors))
-            return commit(record, key, tensors, expected_version)
+            named.append(sorted(columns or {}))
+            return commit(record, key, tensors, expected_version, columns)
 
         runner.store.commit_edit = recording
 
@@ -565,10 +595,10 @@ def test_an_edit_commits_only_the_tensors_it_changed_and_the_store_equals_the_me
         runner.apply(facts[3:])
         memory = runner.edited.memory
         stored = load_memory(runner.store, runner.edited.proj.weight)
-        assert runner.store.verify() == []
+        assert runner.store.verify() == [] and "residual" not in runner.store._column_cache
     finally:
         runner.store.close()
-    assert written == [{"residual", f"reading-{i}"} for i in range(4)]
+    assert written == [{"residual", f"reading-{i}"} for i in range(4)] and named == [["residual"]] * 4
     assert torch.equal(stored.residual, memory.residual)
     assert len(stored.edit_readings) == 4 and all(torch.equal(a, b) for a, b in zip(stored.edit_readings, memory.edit_readings))
     assert torch.equal(stored.route_keys, memory.route_keys)

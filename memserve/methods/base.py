@@ -144,6 +144,11 @@ class EditSession:
         (a bool tensor [I] or [keys, I] under "key" is stored as the edit's routing key(s))."""
         raise NotImplementedError
 
+    def written_columns(self) -> dict[str, torch.Tensor] | None:
+        """After `finish`: per tensor of the memory's `column_tensors`, the only columns this edit
+        changed, so a commit compares and writes just those; None: any may have changed."""
+        return None
+
 
 class EditMemory(nn.Module):
     """Base class of a method's memory. Subclasses set `method` and `config_class`."""

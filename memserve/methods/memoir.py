@@ -491,3 +491,6 @@ class MemoirSession(EditSession):
         if self.readings is not None:
             memory.edit_readings.append(self.readings)
         return {"key": self.keys, **({"anchors": anchors} if anchors else {}), **({"anchor_suffices": True} if suffices else {})}
+
+    def written_columns(self) -> dict[str, torch.Tensor]:
+        return {"residual": self.columns}

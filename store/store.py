@@ -894,7 +894,9 @@ def _put_named_columns(txn, db, name: str, tensor: torch.Tensor, columns: torch.
     compares just those, so a commit needs neither the whole stored tensor nor a copy of it."""
     dtype, shape, count = _column_layout(descriptor)
     columns = torch.unique(columns.detach().cpu().long())
-    if columns.numel() and not 0 <= int(columns[0]) <= int(columns[-1]) < count:
+    if not columns.numel():
+        return None
+    if not 0 <= int(columns[0]) <= int(columns[-1]) < count:
         raise ValueError(f"tensor {name}: columns outside 0..{count - 1}")
     stored = [txn.get(_column_key(b"c", name, j), db=db) for j in columns.tolist()]
     if any(value is None or len(value) != shape[0] * dtype.itemsize for value in stored):

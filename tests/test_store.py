@@ -408,12 +408,13 @@ def test_a_commit_naming_its_columns_compares_only_those_and_keeps_no_copy(tmp_p
     assert written == [[7, 12]] and "residual" not in store._column_cache
     assert torch.equal(store.tensors()["residual"], residual) and store.verify() == []
     store.commit_edit(record(8), None, {"residual": residual}, expected_version=3, columns={"residual": torch.tensor([7])})
-    assert written == [[7, 12]] and store.version == 4
+    store.commit_edit(record(9), None, {"residual": residual}, expected_version=4, columns={"residual": torch.tensor([], dtype=torch.long)})
+    assert written == [[7, 12]] and store.version == 5
     store.rollback(2)
     assert torch.equal(store.tensors()["residual"], before) and store.verify() == []
     unchanged = store.digest()
     with pytest.raises(ValueError, match="columns outside 0..15"):
-        store.commit_edit(record(9), None, {"residual": residual}, columns={"residual": torch.tensor([16])})
+        store.commit_edit(record(10), None, {"residual": residual}, columns={"residual": torch.tensor([16])})
     assert store.digest() == unchanged
 
 

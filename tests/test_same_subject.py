@@ -42,3 +42,12 @@ def test_shipped_probes_are_read_as_never_edited_questions():
         facts, skipped = read_facts(path)
         assert not skipped and len(facts) == len(rows) >= 1990
         assert all(row["subject"] in row["prompt"] for row in rows)
+
+
+def test_shipped_probes_are_what_the_generator_writes(monkeypatch):
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)  # the probes name their edit by the facts file's path as given
+    for name, source in (("counterfact", "counterfact_dev"), ("zsre", "zsre_train_1k")):
+        facts, _ = read_facts(f"benchmarks/data/{source}.jsonl", skip_invalid=True)
+        shipped = [json.loads(line) for line in (root / "benchmarks" / "data" / f"{name}_same_subject.jsonl").read_text().splitlines()]
+        assert same_subject.same_subject_probes(facts) == shipped

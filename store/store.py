@@ -822,10 +822,16 @@ def _read_columns(txn, dbs: dict, name: str) -> torch.Tensor | None:
         return None
     dtype, shape, count = _column_layout(descriptor)
     parts = [value for _, value in _prefixed(txn, dbs[COLUMN_DATABASE], _column_key(b"c", name))]
-    data = b"".join(parts)
-    if len(parts) != count or len(data) != math.prod(shape) * dtype.itemsize:
+    if len(parts) != count:
         raise StoreError(f"tensor {name}: {count} columns expected, {len(parts)} stored or sized wrong; run `store verify`")
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(count, shape[0]).t().contiguous().reshape(shape)
+    return _joined_columns(name, parts, dtype, shape[0]).contiguous().reshape(shape)
+
+
+def _joined_columns(name: str, parts: list[bytes | None], dtype: torch.dtype, rows: int) -> torch.Tensor:
+    """Stored column values side by side: [rows, len(parts)]."""
+    if any(part is None or len(part) != rows * dtype.itemsize for part in parts):
+        raise StoreError(f"tensor {name}: a stored column is missing or sized wrong; run `store verify`")
+    return torch.frombuffer(bytearray(b"".join(parts)), dtype=dtype).reshape(len(parts), rows).t()
 
 
 def _drop_columns(txn, dbs: dict, name: str) -> None:
@@ -898,10 +904,7 @@ def _put_named_columns(txn, db, name: str, tensor: torch.Tensor, columns: torch.
         return None
     if not 0 <= int(columns[0]) <= int(columns[-1]) < count:
         raise ValueError(f"tensor {name}: columns outside 0..{count - 1}")
-    stored = [txn.get(_column_key(b"c", name, j), db=db) for j in columns.tolist()]
-    if any(value is None or len(value) != shape[0] * dtype.itemsize for value in stored):
-        raise StoreError(f"tensor {name}: a stored column is missing or sized wrong; run `store verify`")
-    old = torch.frombuffer(bytearray(b"".join(stored)), dtype=dtype).reshape(len(stored), shape[0]).t()
+    old = _joined_columns(name, [txn.get(_column_key(b"c", name, j), db=db) for j in columns.tolist()], dtype, shape[0])
     differ = (old != tensor.reshape(shape[0], -1)[:, columns]).any(0)
     if not differ.any():
         return None

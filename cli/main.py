@@ -223,17 +223,20 @@ def route(
         return
     scope = " (of its last sentence: the whole question reached none)" if result["routed_on"] == "last sentence" else ""
     table = Table(title=f"nearest {len(result['candidates'])} of {edited.memory.num_edits} edits ({result['method']}){scope}")
-    for column in ("edit", "score", "threshold", "subject named", "passes", "edited fact"):
+    relation = any("relation" in entry for entry in result["candidates"])  # `relation_check` stores
+    for column in ("edit", "score", "threshold", "subject named", *(("relation / min",) if relation else ()), "passes", "edited fact"):
         table.add_column(column)
     for entry in result["candidates"]:
         fact = f"{entry['prompt']} -> {entry['target']}" if "prompt" in entry else ""
+        checked = (f"{entry['relation']:.3f} / {entry['relation_threshold']:.3f}" if "relation" in entry else "-",) if relation else ()
         table.add_row(entry["edit"], f"{entry['score']:.3f}", f"{entry['threshold']:.3f}", "yes" if entry["subject_named"] else "no",
-                      "yes" if entry["passes"] else "no", fact)
+                      *checked, "yes" if entry["passes"] else "no", fact)
     Console().print(table)
     if result["route"] >= 0:
         print(f"decision: {result['edit']} (score {result['score']:.3f})" + (f": {result['prompt']} -> {result['target']}" if "prompt" in result else ""))
     else:
-        print("decision: no edit (no edit whose subject the question names scores above the threshold)")
+        print("decision: no edit (no edit whose subject the question names scores above the threshold"
+              + (" and asks as closely what it asks" if relation else "") + ")")
 
 
 @app.command()

@@ -99,6 +99,13 @@ def test_store_for_another_model_or_method_is_refused(tiny_store, tmp_path, defa
     assert store_state(base / "store") == before
 
 
+def test_relation_check_without_a_relation_key_for_the_model_is_refused_before_a_store_exists(tiny_store, tmp_path, tiny_model_dir):
+    _, facts = tiny_store
+    result = invoke("edit", facts, "--store", tmp_path / "store", "--model", tiny_model_dir, *settings(relation_check=True))
+    assert result.exit_code != 0 and sum("no relation key ships for" in line for line in result.output.splitlines()) == 1
+    assert not (tmp_path / "store").exists()
+
+
 def test_skip_invalid_edits_good_rows(tmp_path, tiny_model_dir):
     facts = write_facts(tmp_path / "facts.jsonl", [FACTS[0], '{"prompt": "x"}'])
     result = invoke("edit", facts, "--store", tmp_path / "s", "--model", tiny_model_dir, "--skip-invalid", *settings(steps=2))

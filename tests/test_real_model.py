@@ -138,3 +138,31 @@ def test_capture_after_recurring_prefixes_is_the_full_run_on_default_model(tmp_p
         assert sum(batch.recurring) > 50  # the template and the five prefixes
         assert_capture_is_one_padded_batch(runner.edited, batch, atol=1e-4)  # 30 layers of fp32 rounding
     runner.store.close()
+
+
+def test_relation_check_keeps_rephrases_and_turns_away_other_questions_about_the_subject(tmp_path, default_model_dir):
+    """README "Relation check": with subject anchors alone, another question about an edited subject
+    reaches its edit; with `relation_check` (the shipped relation key of the default model) most of
+    those stop reaching it while the rephrases still do. CounterFact rows after line 500 (the key was
+    trained on lines up to 500) and their same-subject questions."""
+    from memserve.evaluate import HFBackend, evaluate
+    from memserve.facts import read_facts
+
+    data = Path(__file__).resolve().parents[1] / "benchmarks/data"
+    facts, _ = read_facts(data / "counterfact_dev.jsonl", skip_invalid=True)
+    facts = [f for f in facts if int(f.where.rsplit(":", 1)[1]) > 500][:12]
+    wanted = {f.where.rsplit(":", 1)[1] for f in facts}
+    probes, _ = read_facts(data / "counterfact_same_subject.jsonl")
+    rows = [json.loads(line) for line in (data / "counterfact_same_subject.jsonl").read_text().splitlines()]
+    probes = [p for p, row in zip(probes, rows) if row["edit"].rsplit(":", 1)[1] in wanted]
+    results = {}
+    for check in (False, True):
+        runner = open_session(tmp_path / str(check), config={"relation_check": check}, facts=facts)
+        runner.apply(facts)
+        ids = [runner.store.find(f.key) for f in facts]
+        results[check] = evaluate(runner.edited, HFBackend(runner.edited), facts, ids, generation=False, unedited=probes)
+        runner.store.close()
+    reach = {check: r["unedited"]["reach_an_edit"] for check, r in results.items()}
+    kept = {check: r["routing"]["rephrase_to_own_edit"] for check, r in results.items()}
+    assert reach[False] >= 0.8 and reach[True] <= 0.5 * reach[False], reach
+    assert kept[True] >= kept[False] - 0.2 and results[True]["rel"] >= 0.95, (kept, results[True]["rel"])

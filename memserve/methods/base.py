@@ -236,6 +236,11 @@ class EditMemory(nn.Module):
         device ops whatever the routes (the dense serving path, which a captured graph replays)."""
         raise NotImplementedError
 
+    def relation_scores(self, mean_stats: torch.Tensor) -> torch.Tensor | None:
+        """[E] per slot, how closely the prompt [D] asks what the slot's edit asks; NaN for slots not
+        checked so (None: the method checks none; see `MemoirConfig.relation_check`)."""
+        return None
+
     def route_label(self, route: int) -> str:
         """Human-readable name of a route, reported by the server and `eval`."""
         raise NotImplementedError
@@ -265,8 +270,9 @@ class EditMemory(nn.Module):
         raise NotImplementedError
 
     # --- persistence ------------------------------------------------------------------------
-    def calibrate(self, background_mean: torch.Tensor) -> None:
-        """Called once when a store is created, with the mean `a` over unrelated prompts."""
+    def calibrate(self, background_mean: torch.Tensor, model: str | None = None) -> None:
+        """Called once when a store is created, with the mean `a` over unrelated prompts and the
+        model's `models.model_id`."""
 
     # State tensors an edit changes a few columns of (of their 2-D view): the store keeps them by column.
     column_tensors: tuple[str, ...] = ()
@@ -306,12 +312,14 @@ def route_explanation(memory: EditMemory, mean_stats: torch.Tensor, top: int = 5
     if on_tail:
         mean_stats, mentions = last_sentence
     slots, candidate_scores, thresholds, eligible = memory.candidates(mean_stats, mentions)
-    return {
-        "route": route, "edit": memory.route_label(route), "score": float(scores[0]),
-        "routed_on": "last sentence" if on_tail else "span",
-        "candidates": [{"route": int(slot), "edit": memory.route_label(int(slot)), "score": float(score),
-                        "threshold": float(threshold), "subject_named": bool(named),
-                        "passes": bool(named and score >= threshold)}
-                       for slot, score, threshold, named in zip(slots[:top], candidate_scores[:top], thresholds[:top],
-                                                                eligible[:top])],
-    }
+    relations = memory.relation_scores(mean_stats)
+    candidates = []
+    for slot, score, threshold, named in zip(slots[:top], candidate_scores[:top], thresholds[:top], eligible[:top]):
+        row = {"route": int(slot), "edit": memory.route_label(int(slot)), "score": float(score),
+               "threshold": float(threshold), "subject_named": bool(named), "passes": bool(named and score >= threshold)}
+        if relations is not None and not relations[slot].isnan():
+            row["relation"], row["relation_threshold"] = float(relations[slot]), memory.relation.threshold
+            row["passes"] &= row["relation"] >= row["relation_threshold"]
+        candidates.append(row)
+    return {"route": route, "edit": memory.route_label(route), "score": float(scores[0]),
+            "routed_on": "last sentence" if on_tail else "span", "candidates": candidates}

@@ -9,7 +9,8 @@ overlap reaches `tau`; otherwise the memory adds nothing and the model is exactl
 
 With `subject_anchor` (the default) only edits whose subject the question names compete
 (`memserve.subjects`): the key says what kind of question it is, the anchor what it is about. Edits
-without an anchor (no subject given or found) compete everywhere, as all edits did before.
+without an anchor (no subject given or found) compete everywhere, as all edits did before. With
+`relation_check` a named edit's key must also ask what the question asks (`memserve.relation`).
 
 This file is the single home of MEMOIR's routing rule (`MemoirMemory.route`).
 """
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from memserve.relation import RelationKey
 from memserve.subjects import AnchorIndex, Mentions
 
 from .base import NO_ROUTE, EditExamples, EditMemory, EditSession, LastSentence, MethodConfig
@@ -98,6 +100,14 @@ class MemoirConfig(MethodConfig):
     # ("United Nations General Assembly" for an edit of the United Nations; `subjects` module).
     # Serving only: applies to stores trained before it too.
     whole_names: bool = True
+    # An edit whose subject a question names is reached only if the question also asks the same thing:
+    # the cosine of its and the edit key prompt's relation keys (`memserve.relation`, a projection of
+    # the prompt mean learned once per model; only the default model ships one) must reach the key's
+    # threshold, per routing key. Without it another question about an edited subject reaches the edit
+    # (CounterFact T = 1000: .943 of them; README "A measured limit"). Off by default: it also turns
+    # away rephrases (the threshold keeps 95% of the rephrases of facts it was not trained on; README
+    # "Relation check"). Edits reached by naming their subject alone are not checked.
+    relation_check: bool = False
     predated: ClassVar[dict[str, Any]] = {**MethodConfig.predated, "signed_columns": False, "subject_anchor": False,
                                           "copies": 1, "stored_reading": False,
                                           "key_row_loss": False}
@@ -136,6 +146,9 @@ class MemoirMemory(EditMemory):
         # Per edit with `stored_reading`: [keys, 2, k] its prompt mean and last prompt token's input on
         # its k features, for each of its routing keys' prompts (`MemoirSession.readings`).
         self.edit_readings: list[torch.Tensor] = []
+        self.relation: RelationKey | None = None  # with `relation_check`, set by `calibrate` or the store
+        self.key_means: list[torch.Tensor] = []  # per edit with `relation_check`: [keys, I] its keys' prompt means
+        self._key_relations: torch.Tensor | None = None  # [K, D] `relation.embed` of all of them
         self._key_index = None  # FAISS binary index over `route_keys` (`best_keys`)
         self.anchors = AnchorIndex()  # each anchored edit's subject token ids
 
@@ -234,6 +247,7 @@ class MemoirMemory(EditMemory):
         best_key, best_score = self.best_keys(queries)
         passes = best_score >= self.config.tau
         thresholds = self.thresholds() if mentions else None  # once per batch, not per request
+        relations = self.relations(mean_stats) if mentions else None
         for row, named in enumerate(mentions or ()):
             if not named or not self.config.subject_anchor:
                 continue
@@ -242,6 +256,8 @@ class MemoirMemory(EditMemory):
             overlaps = (self.route_keys[keys].float() @ queries[row].float()) / self.config.top_k
             by_name = thresholds[owners].eq(0)
             ok = (overlaps >= self.config.tau) | by_name
+            if relations is not None:
+                ok &= by_name | (self.key_relations()[keys] @ relations[row] >= self.relation.threshold)
             if self.config.first_named_subject and isinstance(named, Mentions) and by_name.any():
                 first = named.named_first(owners[by_name].tolist())
                 ok = (ok & ~by_name) | (by_name & torch.tensor([int(owner) in first for owner in owners]))
@@ -253,6 +269,26 @@ class MemoirMemory(EditMemory):
                 best_key[row], best_score[row], passes[row] = newest, top, True
         best = torch.where(passes & (best_key >= 0), self.key_owner[best_key.clamp_min(0)], NO_ROUTE)
         return best, best_score
+
+    def relations(self, mean_stats: torch.Tensor) -> torch.Tensor | None:
+        """[B, D] the relation key of each prompt mean, when `relation_check` is on."""
+        return None if self.relation is None else self.relation.embed(mean_stats)
+
+    def key_relations(self) -> torch.Tensor:
+        """[K, D] the relation key of each routing key's prompt mean, in key order."""
+        if self._key_relations is None:
+            self._key_relations = self.relation.embed(torch.cat(self.key_means))
+        return self._key_relations
+
+    def relation_scores(self, mean_stats: torch.Tensor) -> torch.Tensor | None:
+        """[E] per edit, the best cosine of its keys' relation keys with the prompt's; NaN for edits
+        that are not checked (unanchored, or reached by naming their subject alone)."""
+        if self.relation is None or not self.num_edits:
+            return None
+        cosines = self.key_relations() @ self.relation.embed(mean_stats[None])[0]
+        best = torch.full((self.num_edits,), -1.0).scatter_reduce(0, self.key_owner, cosines, "amax")
+        checked = self.anchored_edits() & self.thresholds().gt(0)
+        return torch.where(checked, best, torch.nan)
 
     def thresholds(self) -> torch.Tensor:
         """[E] each edit's key threshold: `tau`, or 0 for an edit whose subject alone is enough."""
@@ -394,14 +430,19 @@ class MemoirMemory(EditMemory):
     def start_edit(self, examples: EditExamples) -> EditSession:
         return MemoirSession(self, examples)
 
-    def calibrate(self, background_mean: torch.Tensor) -> None:
+    def calibrate(self, background_mean: torch.Tensor, model: str | None = None) -> None:
         self.background = background_mean.float().clone()
+        if self.config.relation_check:
+            self.relation = RelationKey.shipped(model, self.config.layer, self.intermediate_size)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Wm and its fixed inputs, and one small tensor per edit's reading (`reading-<i>`), so a
         commit adds one, not a grown copy of all of them (the store keeps an undo per changed tensor)."""
         readings = {f"reading-{e}": reading for e, reading in enumerate(self.edit_readings)}
-        return {"residual": self.residual, "permutation": self.permutation, "background": self.background, **readings}
+        means = {f"key-means-{e}": means for e, means in enumerate(self.key_means)}
+        relation = {} if self.relation is None else self.relation.tensors()
+        return {"residual": self.residual, "permutation": self.permutation, "background": self.background,
+                **readings, **means, **relation}
 
     def load_anchors(self, anchors: Sequence[tuple[Sequence[Sequence[int]], bool, bool]]) -> None:
         """Each edit's subject anchor variants (none: unanchored), whether naming them suffices and
@@ -412,8 +453,10 @@ class MemoirMemory(EditMemory):
     def load_state(self, tensors: dict[str, torch.Tensor], keys: torch.Tensor, owners: torch.Tensor) -> None:
         for name in ("residual", "permutation", "background"):
             setattr(self, name, tensors[name].clone())
-        readings = sorted((k for k in tensors if k.startswith("reading-")), key=lambda k: int(k.split("-")[1]))
-        self.edit_readings = [tensors[k].clone() for k in readings]
+        self.edit_readings = [tensors[k].clone() for k in per_edit(tensors, "reading-")]
+        self.key_means = [tensors[k].clone() for k in per_edit(tensors, "key-means-")]
+        self.relation = RelationKey.from_tensors(tensors)
+        self._key_relations = None
         first = torch.ones_like(owners, dtype=torch.bool)
         first[1:] = owners[1:] != owners[:-1]
         self._set_layouts(keys[first])
@@ -431,6 +474,7 @@ class MemoirMemory(EditMemory):
         self._set_layouts(keys[:1], append=True)
         self.route_keys = torch.cat([self.route_keys, keys])
         self.key_owner = torch.cat([self.key_owner, torch.full((len(keys),), self.num_edits - 1)])
+        self._key_relations = None
         if self._key_index is not None and free:  # anchored keys are compared directly, not indexed
             index, rows = self._key_index
             index.add(np.packbits(keys.numpy(), axis=1))
@@ -446,6 +490,11 @@ class MemoirMemory(EditMemory):
             setattr(self, name, torch.cat([old, new]) if append else new)
 
 
+def per_edit(tensors: dict[str, torch.Tensor], prefix: str) -> list[str]:
+    """The names `<prefix><edit>` among `tensors`, in edit order."""
+    return sorted((k for k in tensors if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+
+
 class MemoirSession(EditSession):
     """Trains only the k columns of Wm the new edit's mask selects (`layout`), as one [H, k] parameter."""
 
@@ -454,6 +503,7 @@ class MemoirSession(EditSession):
         rows = list(examples.key_rows)
         means = torch.stack([examples.a[r][examples.prompt_mask[r]].float().mean(0) for r in rows])
         self.keys = memory.key(means)
+        self.means = means if memory.relation is not None else None
         self.mask = self.keys[0]  # the bare prompt's key chooses the columns
         self.features, self.columns, self.signs = memory.layout(self.mask)
         self.weight = memory.residual[:, self.columns].clone().requires_grad_(True)
@@ -490,6 +540,8 @@ class MemoirSession(EditSession):
         memory.add_edit(self.keys, anchors, suffices, bool(anchors) and self.anchor_open_name)
         if self.readings is not None:
             memory.edit_readings.append(self.readings)
+        if self.means is not None:
+            memory.key_means.append(self.means)
         return {"key": self.keys, **({"anchors": anchors} if anchors else {}), **({"anchor_suffices": True} if suffices else {})}
 
     def written_columns(self) -> dict[str, torch.Tensor]:

@@ -225,7 +225,7 @@ def _start(store, store_path, model_path, method, config, facts) -> EditSessionR
     base = down_proj(model, cfg.layer).weight
     memory = cls(cfg, base)
     edited = EditedModel(model, tokenizer, memory, cfg.layer)
-    memory.calibrate(background_mean(edited), model_id(model_dir))
+    memory.calibrate(background_mean(edited), model_id(model_dir), model.get_input_embeddings().weight)
     manifest = {
         "model": model_id(model_dir), "layer": cfg.layer, "method": method, "config": dataclasses.asdict(cfg),
         "weight_hash": weight_hash(base), "hidden_size": memory.hidden_size,

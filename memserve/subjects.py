@@ -165,6 +165,7 @@ class AnchorIndex:
         token is part of a longer name and does not count, except for sufficient and open-name edits."""
         tokens = [int(t) for t in tokens]
         first: dict[int, int] = {}
+        named = [False] * len(tokens)
         for start, token in enumerate(tokens):
             for edit, ids in self._by_first.get(token, ()):
                 end = start + len(ids)
@@ -174,22 +175,25 @@ class AnchorIndex:
                         and edit not in self.sufficient and edit not in self.open_names):
                     continue
                 first.setdefault(edit, start)
-        return Mentions(first)
+                named[start:end] = [True] * len(ids)
+        return Mentions(first, tuple(t for t, inside in zip(tokens, named) if not inside))
 
 
 class Mentions(frozenset):
-    """The edits a token span names (a frozenset of edit indices), and the token offset where the
-    span first names each (`first`)."""
+    """The edits a token span names (a frozenset of edit indices), the token offset where the span
+    first names each (`first`) and the span's token ids outside every name it counts (`rest`: what
+    it asks about them, `memserve.relation`)."""
 
     first: dict[int, int]
+    rest: tuple[int, ...]
 
-    def __new__(cls, first: dict[int, int]):
+    def __new__(cls, first: dict[int, int], rest: Sequence[int] = ()):
         mentions = super().__new__(cls, first)
-        mentions.first = dict(first)
+        mentions.first, mentions.rest = dict(first), tuple(rest)
         return mentions
 
     def __reduce__(self):
-        return Mentions, (self.first,)
+        return Mentions, (self.first, self.rest)
 
     def named_first(self, edits: Iterable[int]) -> set[int]:
         """Those of `edits` the span names earliest (all that start at that offset)."""

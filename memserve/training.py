@@ -53,6 +53,7 @@ class TokenBatch:
     anchors: tuple[tuple[int, ...], ...] = ()
     anchor_suffices: bool = False
     anchor_open_name: bool = False  # the fact's prompt carries its subject on (`subjects.name_continues`)
+    key_tokens: tuple[tuple[int, ...], ...] = ()  # each key row's routing-span tokens outside its subject
     # Per row, how many leading tokens every edit's batch repeats (the chat template before the
     # question, a training prefix): `capture_rows` computes their states once per model.
     recurring: tuple[int, ...] = ()
@@ -84,7 +85,7 @@ def edit_batch(
     if edited.chat.available:
         rows.append(chat_prompt_and_answer(edited, fact.prompt, fact.target))
     key_rows = tuple(range(len(rows)))
-    anchors, suffices, open_name = edit_anchors(edited, fact, [seq[:plen] for seq, plen in rows])
+    anchors, suffices, open_name, key_tokens = edit_anchors(edited, fact, [seq[:plen] for seq, plen in rows])
     eos = edited.tokenizer.eos_token_id
     if edited.memory.config.stop_after_answer and eos is not None:
         rows = [(seq + [eos], plen) for seq, plen in rows]
@@ -97,16 +98,19 @@ def edit_batch(
     rows += [prompt_and_answer(edited, *negative) for negative in negatives]
     recurring += [0] * len(negatives)
     return TokenBatch([r[0] for r in rows], [r[1] for r in rows], in_scope, key_rows, anchors, suffices, open_name,
-                      tuple(recurring))
+                      key_tokens, tuple(recurring))
 
 
 def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]
-                 ) -> tuple[tuple[tuple[int, ...], ...], bool, bool]:
+                 ) -> tuple[tuple[tuple[int, ...], ...], bool, bool, tuple[tuple[int, ...], ...]]:
     """Token id variants of the fact's subject (its `subject`, and the name `infer_subject` finds
     when that is a shorter way to say it, `is_short_name`: temporal data gives "5G is" where questions
     say "5G"; without `subject`, the inferred name), or () when it has none or one of its own key
     prompts would not name it (it then routes on its key alone); whether naming the subject
-    suffices (`subjects.subject_suffices`); and whether the prompt carries it on (`subjects.name_continues`)."""
+    suffices (`subjects.subject_suffices`); whether the prompt carries it on (`subjects.name_continues`);
+    and each key prompt's routing-span tokens outside the subject (`subjects.Mentions.rest`; all of
+    them for an edit without anchors)."""
+    spans = [tuple(prompt[slice(*edited.chat.routing_span(prompt))]) for prompt in key_prompts]
     inferred = infer_subject(fact.prompt)
     subjects = [s for s in (fact.subject, inferred) if s]
     if fact.subject and inferred and not is_short_name(fact.subject, inferred):
@@ -114,17 +118,16 @@ def edit_anchors(edited: EditedModel, fact: Fact, key_prompts: list[list[int]]
     variants = list(dict.fromkeys(tuple(ids) for subject in subjects
                                   for ids in anchor_tokens(edited.tokenizer, subject, fact.prompt)))
     if not variants:
-        return (), False, False
+        return (), False, False, tuple(spans)
     suffices = any(subject_suffices(fact.prompt, subject) for subject in subjects)
     open_name = name_continues(fact.prompt, fact.subject)
     index = AnchorIndex()
     index.add(0, variants, suffices, open_name)
     names = edited.chat.continues_name if getattr(edited.memory.config, "whole_names", False) else None  # as served
-    for prompt in key_prompts:
-        start, end = edited.chat.routing_span(prompt)
-        if 0 not in index.mentioned(prompt[start:end], names):
-            return (), False, False
-    return tuple(variants), suffices, open_name
+    mentions = [index.mentioned(span, names) for span in spans]
+    if any(0 not in named for named in mentions):
+        return (), False, False, tuple(spans)
+    return tuple(variants), suffices, open_name, tuple(named.rest for named in mentions)
 
 
 class _Stop(Exception):
@@ -320,7 +323,7 @@ def prepare(edited: EditedModel, batch: TokenBatch) -> Prepared:
                 targets.append(seq[pos])
     examples = EditExamples(a=a, prompt_mask=prompt_mask, answer_mask=answer_mask, in_scope=in_scope, key_rows=batch.key_rows,
                              anchors=batch.anchors, anchor_suffices=batch.anchor_suffices,
-                             anchor_open_name=batch.anchor_open_name)
+                             anchor_open_name=batch.anchor_open_name, key_tokens=batch.key_tokens)
     row_stats = mean_prompt_stats(edited.memory, a, prompt_mask)
     if edited.memory.reads_stored_inputs:
         read_as_served(a, row_stats, answer_mask, in_scope, batch.key_rows)

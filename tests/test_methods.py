@@ -482,31 +482,29 @@ def test_memoir_of_two_named_subjects_that_suffice_the_one_named_first_is_reache
 
 def test_memoir_relation_check_turns_away_a_named_question_that_asks_something_else():
     """With `relation_check`, a question naming an anchored edit's subject and passing its key still
-    needs its relation key close to the edit's; edits reached by their subject alone are not checked.
-    The per-key prompt means and the projection go with the state and route the same after a reload."""
-    from memserve.relation import RelationKey
+    needs the relation key of its other tokens (`Mentions.rest`) close to the edit's; edits reached by
+    their subject alone are not checked. The projection, its token table and the edits' relation keys
+    go with the state and route the same after a reload; a store of the older layer-activation keys is
+    refused with the way out."""
+    from memserve.relation import RelationKey, RelationKeyError
 
     torch.manual_seed(1)
     memory = MemoirMemory(MemoirConfig(layer=0, top_k=16, tau=0.5, relation_check=True), torch.randn(H, I))
     with pytest.raises(RuntimeError, match="no relation key ships for"):
-        memory.calibrate(torch.zeros(I), "some/other-model")
+        memory.calibrate(torch.zeros(I), "some/other-model", torch.randn(20, 4))
+    embeddings = torch.zeros(20, 4)  # input embeddings of 20 token ids: 1 and 2 ask one thing, 3 another
+    embeddings[1, 0] = embeddings[2, 0] = embeddings[3, 1] = 1.0
+    memory.relation = RelationKey(torch.zeros(4), torch.ones(4), torch.eye(4)[:, :2], threshold=0.5).with_embeddings(embeddings)
     edit = torch.randn(I)
-    quiet = int(edit.abs().argmin())  # a feature outside the key's top-k: it decides the relation alone
-    edit[quiet] = 0.01
-    other_question = edit.clone()
-    other_question[quiet] = -0.01  # the same key, the opposite relation
-    weight = torch.zeros(I, 2)
-    weight[quiet, 0], weight[(quiet + 1) % I, 1] = 1.0, 1e-3
-    memory.relation = RelationKey(torch.zeros(I), torch.ones(I), weight, threshold=0.5, layer=0)
-    memory.key_means = [edit[None], edit[None]]
     memory.add_edit(memory.key(edit[None]), anchors=[[7]])
     memory.add_edit(memory.key(edit[None]), anchors=[[9]], anchor_suffices=True)
-    named, by_name = memory.mentioned([7]), memory.mentioned([9])
-    assert torch.equal(memory.key(other_question[None]), memory.key(edit[None]))
-    assert memory.route(edit[None], [named])[0].item() == 0
-    assert memory.route(other_question[None], [named])[0].item() == NO_ROUTE
-    assert memory.route(other_question[None], [by_name])[0].item() == 1  # its subject alone suffices
-    explained = route_explanation(memory, other_question, top=2, mentions=named)
+    memory.edit_relations = [memory.relation.embed_tokens([[7, 1, 2]]), memory.relation.embed_tokens([[9]])]
+    same, other, by_name = memory.mentioned([7, 2, 1]), memory.mentioned([3, 7]), memory.mentioned([9, 3])
+    assert same.rest == (2, 1) and other.rest == (3,)  # the subject's tokens are not what is asked
+    assert memory.route(edit[None], [same])[0].item() == 0
+    assert memory.route(edit[None], [other])[0].item() == NO_ROUTE
+    assert memory.route(edit[None], [by_name])[0].item() == 1  # its subject alone suffices
+    explained = route_explanation(memory, edit, top=2, mentions=other)
     checked = next(c for c in explained["candidates"] if c["route"] == 0)
     assert checked["relation"] < checked["relation_threshold"] and not checked["passes"]
     assert "relation" not in next(c for c in explained["candidates"] if c["route"] == 1)
@@ -514,6 +512,8 @@ def test_memoir_relation_check_turns_away_a_named_question_that_asks_something_e
     again = MemoirMemory(MemoirConfig(layer=0, top_k=16, tau=0.5, relation_check=True), torch.randn(H, I))
     again.load_state(memory.state_tensors(), memory.route_keys, memory.key_owner)
     again.load_anchors([(((7,),), False, False), (((9,),), True, False)])
-    assert again.relation.threshold == 0.5 and torch.equal(again.relation.weight, weight)
-    for question, mentions in ((edit, named), (other_question, named), (other_question, by_name)):
-        assert again.route(question[None], [mentions])[0].item() == memory.route(question[None], [mentions])[0].item()
+    assert again.relation.threshold == 0.5 and torch.equal(again.relation.tokens, memory.relation.tokens)
+    for tokens in ([7, 2, 1], [3, 7], [9, 3]):
+        assert again.route(edit[None], [again.mentioned(tokens)])[0].item() == memory.route(edit[None], [memory.mentioned(tokens)])[0].item()
+    with pytest.raises(RelationKeyError, match="make the store again"):
+        again.load_state({**memory.state_tensors(), "relation-layer": torch.tensor([24])}, memory.route_keys, memory.key_owner)

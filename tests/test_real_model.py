@@ -164,5 +164,5 @@ def test_relation_check_keeps_rephrases_and_turns_away_other_questions_about_the
         runner.store.close()
     reach = {check: r["unedited"]["reach_an_edit"] for check, r in results.items()}
     kept = {check: r["routing"]["rephrase_to_own_edit"] for check, r in results.items()}
-    assert reach[False] >= 0.8 and reach[True] <= 0.5 * reach[False], reach
-    assert kept[True] >= kept[False] - 0.2 and results[True]["rel"] >= 0.95, (kept, results[True]["rel"])
+    assert reach[False] >= 0.8 and reach[True] <= 0.3 * reach[False], reach
+    assert kept[True] >= kept[False] - 0.1 and results[True]["rel"] >= 0.95, (kept, results[True]["rel"])

@@ -116,6 +116,9 @@ class EditExamples:
     anchors: tuple[tuple[int, ...], ...] = ()  # token ids of the edit's subject (`memserve.subjects`)
     anchor_suffices: bool = False  # the subject is most of the prompt: naming it is enough
     anchor_open_name: bool = False  # the prompt carries the subject on into a longer name
+    # Each key row's routing-span token ids outside its subject (`subjects.Mentions.rest`): what the
+    # edit asks about its subject (`memserve.relation`).
+    key_tokens: tuple[tuple[int, ...], ...] = ()
 
 
 class EditSession:
@@ -236,9 +239,10 @@ class EditMemory(nn.Module):
         device ops whatever the routes (the dense serving path, which a captured graph replays)."""
         raise NotImplementedError
 
-    def relation_scores(self, mean_stats: torch.Tensor) -> torch.Tensor | None:
-        """[E] per slot, how closely the prompt [D] asks what the slot's edit asks; NaN for slots not
-        checked so (None: the method checks none; see `MemoirConfig.relation_check`)."""
+    def relation_scores(self, mentions: frozenset[int] | None) -> torch.Tensor | None:
+        """[E] per slot, how closely a span (its `mentioned` edits and the rest of its tokens) asks
+        what the slot's edit asks; NaN for slots not checked so (None: the method checks none; see
+        `MemoirConfig.relation_check`)."""
         return None
 
     def route_label(self, route: int) -> str:
@@ -270,9 +274,10 @@ class EditMemory(nn.Module):
         raise NotImplementedError
 
     # --- persistence ------------------------------------------------------------------------
-    def calibrate(self, background_mean: torch.Tensor, model: str | None = None) -> None:
-        """Called once when a store is created, with the mean `a` over unrelated prompts and the
-        model's `models.model_id`."""
+    def calibrate(self, background_mean: torch.Tensor, model: str | None = None,
+                  input_embeddings: torch.Tensor | None = None) -> None:
+        """Called once when a store is created, with the mean `a` over unrelated prompts, the
+        model's `models.model_id` and its input embeddings [V, E]."""
 
     # State tensors an edit changes a few columns of (of their 2-D view): the store keeps them by column.
     column_tensors: tuple[str, ...] = ()
@@ -312,7 +317,7 @@ def route_explanation(memory: EditMemory, mean_stats: torch.Tensor, top: int = 5
     if on_tail:
         mean_stats, mentions = last_sentence
     slots, candidate_scores, thresholds, eligible = memory.candidates(mean_stats, mentions)
-    relations = memory.relation_scores(mean_stats)
+    relations = memory.relation_scores(mentions)
     candidates = []
     for slot, score, threshold, named in zip(slots[:top], candidate_scores[:top], thresholds[:top], eligible[:top]):
         row = {"route": int(slot), "edit": memory.route_label(int(slot)), "score": float(score),

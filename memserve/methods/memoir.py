@@ -102,8 +102,8 @@ class MemoirConfig(MethodConfig):
     whole_names: bool = True
     # An edit whose subject a question names is reached only if the question also asks the same thing:
     # the cosine of its and the edit key prompt's relation keys (`memserve.relation`, a projection of
-    # the prompt mean learned once per model; only the default model ships one) must reach the key's
-    # threshold, per routing key. Without it another question about an edited subject reaches the edit
+    # the mean input embedding of the span's tokens outside the subjects it names, learned once per
+    # model; only the default model ships one) must reach the key's threshold, per routing key. Without it another question about an edited subject reaches the edit
     # (CounterFact T = 1000: .943 of them; README "A measured limit"). Off by default: it also turns
     # away rephrases (the threshold keeps 95% of the rephrases of facts it was not trained on; README
     # "Relation check"). Edits reached by naming their subject alone are not checked.
@@ -147,8 +147,8 @@ class MemoirMemory(EditMemory):
         # its k features, for each of its routing keys' prompts (`MemoirSession.readings`).
         self.edit_readings: list[torch.Tensor] = []
         self.relation: RelationKey | None = None  # with `relation_check`, set by `calibrate` or the store
-        self.key_means: list[torch.Tensor] = []  # per edit with `relation_check`: [keys, I] its keys' prompt means
-        self._key_relations: torch.Tensor | None = None  # [K, D] `relation.embed` of all of them
+        self.edit_relations: list[torch.Tensor] = []  # per edit with `relation_check`: [keys, D] its keys' relation keys
+        self._key_relations: torch.Tensor | None = None  # [K, D] all of them, in key order
         self._key_index = None  # FAISS binary index over `route_keys` (`best_keys`)
         self.anchors = AnchorIndex()  # each anchored edit's subject token ids
 
@@ -247,7 +247,7 @@ class MemoirMemory(EditMemory):
         best_key, best_score = self.best_keys(queries)
         passes = best_score >= self.config.tau
         thresholds = self.thresholds() if mentions else None  # once per batch, not per request
-        relations = self.relations(mean_stats) if mentions else None
+        relations = self.relations(mentions) if mentions else None
         for row, named in enumerate(mentions or ()):
             if not named or not self.config.subject_anchor:
                 continue
@@ -270,22 +270,25 @@ class MemoirMemory(EditMemory):
         best = torch.where(passes & (best_key >= 0), self.key_owner[best_key.clamp_min(0)], NO_ROUTE)
         return best, best_score
 
-    def relations(self, mean_stats: torch.Tensor) -> torch.Tensor | None:
-        """[B, D] the relation key of each prompt mean, when `relation_check` is on."""
-        return None if self.relation is None else self.relation.embed(mean_stats)
+    def relations(self, mentions: Sequence[frozenset[int] | None]) -> torch.Tensor | None:
+        """[B, D] each span's relation key (of its tokens outside the names it counts, `Mentions.rest`;
+        a span without them asks nothing and is close to no edit), when `relation_check` is on."""
+        if self.relation is None:
+            return None
+        return self.relation.embed_tokens([getattr(named, "rest", ()) for named in mentions])
 
     def key_relations(self) -> torch.Tensor:
-        """[K, D] the relation key of each routing key's prompt mean, in key order."""
+        """[K, D] each routing key's relation key, in key order."""
         if self._key_relations is None:
-            self._key_relations = self.relation.embed(torch.cat(self.key_means))
+            self._key_relations = torch.cat(self.edit_relations)
         return self._key_relations
 
-    def relation_scores(self, mean_stats: torch.Tensor) -> torch.Tensor | None:
-        """[E] per edit, the best cosine of its keys' relation keys with the prompt's; NaN for edits
+    def relation_scores(self, mentions: frozenset[int] | None) -> torch.Tensor | None:
+        """[E] per edit, the best cosine of its keys' relation keys with the span's; NaN for edits
         that are not checked (unanchored, or reached by naming their subject alone)."""
         if self.relation is None or not self.num_edits:
             return None
-        cosines = self.key_relations() @ self.relation.embed(mean_stats[None])[0]
+        cosines = self.key_relations() @ self.relations([mentions])[0]
         best = torch.full((self.num_edits,), -1.0).scatter_reduce(0, self.key_owner, cosines, "amax")
         checked = self.anchored_edits() & self.thresholds().gt(0)
         return torch.where(checked, best, torch.nan)
@@ -430,19 +433,20 @@ class MemoirMemory(EditMemory):
     def start_edit(self, examples: EditExamples) -> EditSession:
         return MemoirSession(self, examples)
 
-    def calibrate(self, background_mean: torch.Tensor, model: str | None = None) -> None:
+    def calibrate(self, background_mean: torch.Tensor, model: str | None = None,
+                  input_embeddings: torch.Tensor | None = None) -> None:
         self.background = background_mean.float().clone()
         if self.config.relation_check:
-            self.relation = RelationKey.shipped(model, self.config.layer, self.intermediate_size)
+            self.relation = RelationKey.shipped(model, input_embeddings)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Wm and its fixed inputs, and one small tensor per edit's reading (`reading-<i>`), so a
         commit adds one, not a grown copy of all of them (the store keeps an undo per changed tensor)."""
         readings = {f"reading-{e}": reading for e, reading in enumerate(self.edit_readings)}
-        means = {f"key-means-{e}": means for e, means in enumerate(self.key_means)}
+        relations = {f"key-relations-{e}": keys for e, keys in enumerate(self.edit_relations)}
         relation = {} if self.relation is None else self.relation.tensors()
         return {"residual": self.residual, "permutation": self.permutation, "background": self.background,
-                **readings, **means, **relation}
+                **readings, **relations, **relation}
 
     def load_anchors(self, anchors: Sequence[tuple[Sequence[Sequence[int]], bool, bool]]) -> None:
         """Each edit's subject anchor variants (none: unanchored), whether naming them suffices and
@@ -454,7 +458,7 @@ class MemoirMemory(EditMemory):
         for name in ("residual", "permutation", "background"):
             setattr(self, name, tensors[name].clone())
         self.edit_readings = [tensors[k].clone() for k in per_edit(tensors, "reading-")]
-        self.key_means = [tensors[k].clone() for k in per_edit(tensors, "key-means-")]
+        self.edit_relations = [tensors[k].clone() for k in per_edit(tensors, "key-relations-")]
         self.relation = RelationKey.from_tensors(tensors)
         self._key_relations = None
         first = torch.ones_like(owners, dtype=torch.bool)
@@ -503,7 +507,7 @@ class MemoirSession(EditSession):
         rows = list(examples.key_rows)
         means = torch.stack([examples.a[r][examples.prompt_mask[r]].float().mean(0) for r in rows])
         self.keys = memory.key(means)
-        self.means = means if memory.relation is not None else None
+        self.relations = None if memory.relation is None else memory.relation.embed_tokens(examples.key_tokens)
         self.mask = self.keys[0]  # the bare prompt's key chooses the columns
         self.features, self.columns, self.signs = memory.layout(self.mask)
         self.weight = memory.residual[:, self.columns].clone().requires_grad_(True)
@@ -540,8 +544,8 @@ class MemoirSession(EditSession):
         memory.add_edit(self.keys, anchors, suffices, bool(anchors) and self.anchor_open_name)
         if self.readings is not None:
             memory.edit_readings.append(self.readings)
-        if self.means is not None:
-            memory.key_means.append(self.means)
+        if self.relations is not None:
+            memory.edit_relations.append(self.relations)
         return {"key": self.keys, **({"anchors": anchors} if anchors else {}), **({"anchor_suffices": True} if suffices else {})}
 
     def written_columns(self) -> dict[str, torch.Tensor]:

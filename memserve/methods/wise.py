@@ -403,7 +403,8 @@ class WiseMemory(EditMemory):
             self.memory_eps[slot] = self.config.key_tau  # shown by `candidates`; `route_by_keys` decides
         self._routable = None
 
-    def calibrate(self, background_mean: torch.Tensor, model: str | None = None) -> None:
+    def calibrate(self, background_mean: torch.Tensor, model: str | None = None,
+                  input_embeddings: torch.Tensor | None = None) -> None:
         self.background = background_mean.float().clone()
         self._routable = None
 

@@ -6,7 +6,7 @@ raw statistic of the model's activations tells "X's mother tongue is" from "X wa
 .50-.55). What does is the question's wording around the subject: a linear projection of the mean
 input embedding of the routing span's tokens *outside the subjects it names* (`Mentions.rest`),
 learned once per model, contrastively (a fact's rephrase above another question about the same
-subject; held-out AUC .96-.97, README "Relation check"). It needs no activation, so both runtimes
+subject; held-out AUC .97, README "Relation check"). It needs no activation, so both runtimes
 compute it on the host from the span's token ids; per token id the projected embedding is a table
 (`RelationKey.with_embeddings`) kept with the store. `MemoirConfig.relation_check` then lets a named
 edit be reached only by questions whose relation key is close to its own.

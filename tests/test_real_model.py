@@ -1,5 +1,6 @@
 """`memserve edit` + `memserve eval` on the real default model (SmolLM2-135M-Instruct), as a user runs them."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,26 @@ MEMSERVE = str(Path(sys.executable).parent / "memserve")
 
 def run(*args):
     return subprocess.run([MEMSERVE, *map(str, args)], capture_output=True, text=True, timeout=900)
+
+
+@contextlib.contextmanager
+def edited_store(path, config, facts):
+    """A new store at `path` (options `config`) with `facts` edited in, open while in use."""
+    runner = open_session(path, config=config, facts=facts)
+    try:
+        runner.apply(facts)
+        yield runner
+    finally:
+        runner.store.close()
+
+
+def edit_and_evaluate(path, config, facts, **options):
+    """`evaluate` (teacher-forced, `options` passed on) of `facts` on a new store of them."""
+    from memserve.evaluate import HFBackend, evaluate
+
+    with edited_store(path, config, facts) as runner:
+        ids = [runner.store.find(f.key) for f in facts]
+        return evaluate(runner.edited, HFBackend(runner.edited), facts, ids, generation=False, **options)
 
 
 @pytest.mark.parametrize("method", ["memoir", "wise"])
@@ -47,14 +68,12 @@ def test_stop_after_answer_ends_the_answer_on_default_model(tmp_path, default_mo
     """With `stop_after_answer` greedy decoding says the target and ends, as written and as a chat
     turn (without it the memory tends to repeat the answer until max_new_tokens)."""
     facts = [Fact(f["prompt"], f["target"], tuple(f["rephrases"])) for f in FACTS]
-    runner = open_session(tmp_path / "store", config={"stop_after_answer": True}, facts=facts)
-    runner.apply(facts)
-    edited = runner.edited
-    for encode in (edited.encode, edited.chat.format):
-        answers, _ = edited.generate([encode(f.prompt) for f in facts], 12)
-        said = [edited.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
-        assert sum(text == f.target for text, f in zip(said, facts)) >= 2, said
-    runner.store.close()
+    with edited_store(tmp_path / "store", {"stop_after_answer": True}, facts) as runner:
+        edited = runner.edited
+        for encode in (edited.encode, edited.chat.format):
+            answers, _ = edited.generate([encode(f.prompt) for f in facts], 12)
+            said = [edited.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
+            assert sum(text == f.target for text, f in zip(said, facts)) >= 2, said
 
 
 def test_unedited_questions_of_the_same_shape_stay_unedited_on_default_model():
@@ -83,18 +102,13 @@ def test_counterfact_rephrases_get_the_edit_answer_through_stored_readings(tmp_p
     """README "Stored readings": CounterFact rephrases end on other words than their edit prompts;
     read with their own inputs, routed rephrases mostly miss the target (first 10 rows: Gen .47),
     read with the edit's stored reading they answer it (.95), the edit prompts themselves unchanged."""
-    from memserve.evaluate import HFBackend, evaluate
     from memserve.facts import read_facts
 
     facts, _ = read_facts(Path(__file__).resolve().parents[1] / "benchmarks/data/counterfact_dev.jsonl", skip_invalid=True)
     facts = facts[:10]
-    results = {}
-    for stored_reading in (True, False):
-        runner = open_session(tmp_path / str(stored_reading), config={"stored_reading": stored_reading}, facts=facts)
-        runner.apply(facts)
-        ids = [runner.store.find(f.key) for f in facts]
-        results[stored_reading] = evaluate(runner.edited, HFBackend(runner.edited), facts, ids, generation=False, chat=False)
-        runner.store.close()
+    results = {stored_reading: edit_and_evaluate(tmp_path / str(stored_reading), {"stored_reading": stored_reading},
+                                                 facts, chat=False)
+               for stored_reading in (True, False)}
     for result in results.values():
         assert result["rel"] == 1.0 and result["routing"]["rephrase_to_own_edit"] == 1.0
     assert results[True]["gen"] >= 0.9 and results[False]["gen"] <= 0.6, {k: v["gen"] for k, v in results.items()}
@@ -111,13 +125,11 @@ def test_key_row_loss_learns_the_chat_turn_as_well_as_the_written_prompt(tmp_pat
     facts = test_facts(6)
     chat_loss = {}
     for key_row_loss in (True, False):
-        runner = open_session(tmp_path / str(key_row_loss), config={"key_row_loss": key_row_loss}, facts=facts)
-        runner.apply(facts)
-        edited = runner.edited
-        sequences, prompt_lens = zip(*(chat_prompt_and_answer(edited, f.prompt, f.target) for f in facts))
-        scored = HFBackend(edited).score(list(sequences), list(prompt_lens))
+        with edited_store(tmp_path / str(key_row_loss), {"key_row_loss": key_row_loss}, facts) as runner:
+            edited = runner.edited
+            sequences, prompt_lens = zip(*(chat_prompt_and_answer(edited, f.prompt, f.target) for f in facts))
+            scored = HFBackend(edited).score(list(sequences), list(prompt_lens))
         chat_loss[key_row_loss] = [-sum(s.logprobs) / len(s.logprobs) for s in scored]
-        runner.store.close()
     stop = 0.02
     assert max(chat_loss[True]) <= 2 * stop, chat_loss  # later edits may move an answer a little
     assert sum(chat_loss[False]) > 1.5 * sum(chat_loss[True]), chat_loss
@@ -145,7 +157,6 @@ def test_relation_check_keeps_rephrases_and_turns_away_other_questions_about_the
     reaches its edit; with `relation_check` (the shipped relation key of the default model) most of
     those stop reaching it while the rephrases still do. CounterFact rows after line 500 (the key was
     trained on lines up to 500) and their same-subject questions."""
-    from memserve.evaluate import HFBackend, evaluate
     from memserve.facts import read_facts
 
     data = Path(__file__).resolve().parents[1] / "benchmarks/data"
@@ -155,13 +166,8 @@ def test_relation_check_keeps_rephrases_and_turns_away_other_questions_about_the
     probes, _ = read_facts(data / "counterfact_same_subject.jsonl")
     rows = [json.loads(line) for line in (data / "counterfact_same_subject.jsonl").read_text().splitlines()]
     probes = [p for p, row in zip(probes, rows) if row["edit"].rsplit(":", 1)[1] in wanted]
-    results = {}
-    for check in (False, True):
-        runner = open_session(tmp_path / str(check), config={"relation_check": check}, facts=facts)
-        runner.apply(facts)
-        ids = [runner.store.find(f.key) for f in facts]
-        results[check] = evaluate(runner.edited, HFBackend(runner.edited), facts, ids, generation=False, unedited=probes)
-        runner.store.close()
+    results = {check: edit_and_evaluate(tmp_path / str(check), {"relation_check": check}, facts, unedited=probes)
+               for check in (False, True)}
     reach = {check: r["unedited"]["reach_an_edit"] for check, r in results.items()}
     kept = {check: r["routing"]["rephrase_to_own_edit"] for check, r in results.items()}
     assert reach[False] >= 0.8 and reach[True] <= 0.3 * reach[False], reach

@@ -62,7 +62,7 @@ def dataset(edited: EditedModel, facts_path: Path, probes_path: Path) -> dict:
         prompts = [encode(fact.prompt) for encode in forms.values()]
         variants, _, _, rests = edit_anchors(edited, fact, prompts)
         subjects.append(AnchorIndex.of_edits([(variants, False, False)]))
-        for form, encode, rest in zip(forms, forms.values(), rests):
+        for (form, encode), rest in zip(forms.items(), rests):
             rephrase = encode(fact.rephrases[0])
             span = rephrase[slice(*chat.routing_span(rephrase))]
             out[form]["edits"].append(rest)

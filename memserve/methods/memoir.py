@@ -248,7 +248,6 @@ class MemoirMemory(EditMemory):
         best_key, best_score = self.best_keys(queries)
         passes = best_score >= self.config.tau
         thresholds = self.thresholds() if mentions else None  # once per batch, not per request
-        relations = self.relations(mentions) if mentions else None
         for row, named in enumerate(mentions or ()):
             if not named or not self.config.subject_anchor:
                 continue
@@ -257,8 +256,8 @@ class MemoirMemory(EditMemory):
             overlaps = (self.route_keys[keys].float() @ queries[row].float()) / self.config.top_k
             by_name = thresholds[owners].eq(0)
             ok = (overlaps >= self.config.tau) | by_name
-            if relations is not None:
-                ok &= by_name | (self.key_relations()[keys] @ relations[row] >= self.relation.threshold)
+            if self.relation is not None:  # only for the rows that name an edit
+                ok &= by_name | (self.key_relations()[keys] @ self.relations([named])[0] >= self.relation.threshold)
             if self.config.first_named_subject and isinstance(named, Mentions) and by_name.any():
                 first = named.named_first(owners[by_name].tolist())
                 ok = (ok & ~by_name) | (by_name & torch.tensor([int(owner) in first for owner in owners]))

@@ -227,7 +227,7 @@ def _start(store, store_path, model_path, method, config, facts) -> EditSessionR
     edited = EditedModel(model, tokenizer, memory, cfg.layer)
     memory.calibrate(background_mean(edited), model_id(model_dir), model.get_input_embeddings().weight)
     manifest = {
-        "model": model_id(model_dir), "layer": cfg.layer, "method": method, "config": dataclasses.asdict(cfg),
+        "model": model_id(model_dir), "layer": cfg.layer, "method": method, "config": dataclasses.asdict(memory.config),
         "weight_hash": weight_hash(base), "hidden_size": memory.hidden_size,
         "intermediate_size": memory.intermediate_size, "prefixes": generate_prefixes(edited, cfg.training_prefixes),
     }

@@ -90,11 +90,16 @@ class RelationKey:
 
         return cls.from_tensors(load_file(str(path)))
 
+    @staticmethod
+    def ships_for(model: str | None) -> bool:
+        """Whether a relation key ships for `model` (a `models.model_id`; None: not told)."""
+        return model is not None and (resources.files("memserve") / "data" / shipped_file(model)).is_file()
+
     @classmethod
     def shipped(cls, model: str | None, embeddings: torch.Tensor) -> "RelationKey":
         """The relation key shipped for `model` (a `models.model_id`), with the table of its input
         embeddings [V, E]."""
-        if model != DEFAULT_MODEL_NAME:  # None: not told
+        if not cls.ships_for(model):
             raise RelationKeyError(f"relation_check: no relation key ships for {model} (only {DEFAULT_MODEL_NAME}); "
                                    "benchmarks/relation_key.py trains one")
         with resources.as_file(resources.files("memserve") / "data" / shipped_file(model)) as path:

@@ -103,15 +103,16 @@ class MemoirConfig(MethodConfig):
     # An edit whose subject a question names is reached only if the question also asks the same thing:
     # the cosine of its and the edit key prompt's relation keys (`memserve.relation`, a projection of
     # the mean input embedding of the span's tokens outside the subjects it names, learned once per
-    # model; only the default model ships one) must reach the key's threshold, per routing key.
-    # Without it another question about an edited subject reaches the edit (CounterFact T = 1000:
-    # .943 of them; README "A measured limit"); with it, on held-out rows, .109. Off by default: it
-    # also turns rephrases away (CounterFact Gen .899 -> .876, ZsRE .979 -> .935; README "Relation
-    # check"). Edits reached by naming their subject alone are not checked.
-    relation_check: bool = False
+    # model) must reach the key's threshold, per routing key. Without it another question about an
+    # edited subject reaches the edit (CounterFact T = 1000: .943 of them; README "A measured limit");
+    # with it, on held-out rows, .109. It also turns some rephrases away (held-out CounterFact Gen
+    # .899 -> .876, ZsRE .979 -> .935; README "Relation check"). None (the default): on where a key
+    # ships for the store's model (only the default model has one), decided when the store is created
+    # and recorded. Edits reached by naming their subject alone are not checked.
+    relation_check: bool | None = None
     predated: ClassVar[dict[str, Any]] = {**MethodConfig.predated, "signed_columns": False, "subject_anchor": False,
                                           "copies": 1, "stored_reading": False,
-                                          "key_row_loss": False}
+                                          "key_row_loss": False, "relation_check": False}
 
 
 TIE_PROBE = 8  # nearest keys fetched per query; more only when all of them tie
@@ -436,6 +437,8 @@ class MemoirMemory(EditMemory):
     def calibrate(self, background_mean: torch.Tensor, model: str | None = None,
                   input_embeddings: torch.Tensor | None = None) -> None:
         self.background = background_mean.float().clone()
+        if self.config.relation_check is None:
+            self.config.relation_check = RelationKey.ships_for(model)
         if self.config.relation_check:
             self.relation = RelationKey.shipped(model, input_embeddings)
 

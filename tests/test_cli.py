@@ -99,8 +99,10 @@ def test_store_for_another_model_or_method_is_refused(tiny_store, tmp_path, defa
     assert store_state(base / "store") == before
 
 
-def test_relation_check_without_a_relation_key_for_the_model_is_refused_before_a_store_exists(tiny_store, tmp_path, tiny_model_dir):
-    _, facts = tiny_store
+def test_relation_check_is_off_where_no_relation_key_ships_and_asking_for_it_is_refused(tiny_store, tmp_path, tiny_model_dir):
+    base, facts = tiny_store
+    info = json.loads(invoke("store", "info", "--store", base / "store", "--json").output)
+    assert info["config"]["relation_check"] is False  # the default resolved for a model without a key
     result = invoke("edit", facts, "--store", tmp_path / "store", "--model", tiny_model_dir, *settings(relation_check=True))
     assert result.exit_code != 0 and sum("no relation key ships for" in line for line in result.output.splitlines()) == 1
     assert not (tmp_path / "store").exists()

@@ -480,6 +480,21 @@ def test_memoir_of_two_named_subjects_that_suffice_the_one_named_first_is_reache
     assert memory.route(near_0, [memory.mentioned([5, 1, 4])])[0].item() == 0
 
 
+def test_memoir_relation_check_defaults_to_on_where_a_relation_key_ships():
+    """Left unset, `relation_check` is decided at `calibrate` by whether a key ships for the model
+    (the resolved value is what the manifest records); stores without the option keep no check."""
+    from memserve.models import DEFAULT_MODEL_NAME
+
+    assert MemoirConfig().relation_check is None and MemoirConfig.from_stored({"layer": 0}).relation_check is False
+    other = MemoirMemory(MemoirConfig(layer=0, top_k=16), torch.randn(H, I))
+    other.calibrate(torch.zeros(I), "some/other-model", torch.randn(20, 4))
+    assert other.config.relation_check is False and other.relation is None
+    default = MemoirMemory(MemoirConfig(layer=0, top_k=16), torch.randn(H, I))
+    with pytest.raises(RuntimeError, match="576-wide input embeddings"):  # the shipped key was looked up
+        default.calibrate(torch.zeros(I), DEFAULT_MODEL_NAME, torch.randn(20, 4))
+    assert default.config.relation_check is True
+
+
 def test_memoir_relation_check_turns_away_a_named_question_that_asks_something_else():
     """With `relation_check`, a question naming an anchored edit's subject and passing its key still
     needs the relation key of its other tokens (`Mentions.rest`) close to the edit's; edits reached by

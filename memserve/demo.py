@@ -1,8 +1,9 @@
 """`memserve demo`: edit a few bundled facts, serve the store with vLLM, ask before and after.
 
 Questions go in as chat turns (the model's chat template, as `/v1/chat/completions` sends them):
-each edited question, a rephrase of each, and questions of the same shape that nobody edited, which
-should keep the base model's answer; the demo says so when one does not.
+each edited question, a rephrase of each, questions of the same shape that nobody edited and other
+questions about an edited subject; those last two should keep the base model's answer, and the demo
+says so when one does not (and when a rephrase misses its edit).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .models import model_id, resolve_model
 # Same shape as the edited questions, never edited: their answers must not change.
 NEIGHBOURS = ["In which city is the Eiffel Tower located?", "What is the capital of Canada?",
               "What is the largest ocean on Earth?"]
+# About an edited subject but asking something else (the relation check): unedited too.
+SAME_SUBJECT = ["Who founded Acme Robotics?", "When was the Louvre built?"]
 MAX_TOKENS = 24
 
 
@@ -41,7 +44,7 @@ def run_demo(store: Path) -> None:
 
     engine = vllm_backend(str(store))
     asked = [(f.prompt, "edited") for f in facts] + [(f.rephrases[0], "rephrase") for f in facts if f.rephrases]
-    asked += [(q, "not edited") for q in NEIGHBOURS]
+    asked += [(q, "not edited") for q in NEIGHBOURS] + [(q, "same subject, not edited") for q in SAME_SUBJECT]
     prompts = [chat.format(question) for question, _ in asked]
     base, _ = engine.generate(prompts, MAX_TOKENS, use_memory=False)
     edited, routes = engine.generate(prompts, MAX_TOKENS)
@@ -50,20 +53,28 @@ def run_demo(store: Path) -> None:
     for column in ("question", "", "base model", "edited model", "edit used"):
         table.add_column(column)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip() or "(empty)"  # noqa: E731
-    leaked = 0
+    leaked, missed = [], []
     for (question, kind), b, n, label, route in zip(asked, base, edited, labels, routes):
         same = " (unchanged)" if b == n else ""
-        if kind == "not edited" and route >= 0:
-            leaked += 1
+        if kind.endswith("not edited") and route >= 0:
+            leaked.append(question)
             label = f"[red]{label} (should be none)[/red]"
+        if kind == "rephrase" and route < 0:
+            missed.append(question)
+            label = f"[yellow]{label} (missed its edit)[/yellow]"
         table.add_row(question, kind, decode(b), decode(n) + same, label)
     console.print(table)
+    unedited = len(NEIGHBOURS) + len(SAME_SUBJECT)
     if leaked:
-        console.print(f"[red]{leaked} of {len(NEIGHBOURS)} questions nobody edited reached an edit[/red] (README, "
+        console.print(f"[red]{len(leaked)} of {unedited} questions nobody edited reached an edit[/red] (README, "
                       "'Specificity'); `memserve route QUESTION --chat` shows why.", highlight=False)
     else:
-        console.print(f"None of the {len(NEIGHBOURS)} questions nobody edited reached an edit: an edit applies to "
-                      "questions that name its subject.", highlight=False)
+        console.print(f"None of the {unedited} questions nobody edited reached an edit: an edit applies to questions "
+                      "that name its subject and ask what it asks.", highlight=False)
+    if missed:
+        console.print(f"[yellow]{len(missed)} rephrase(s) reached no edit[/yellow] ({'; '.join(missed)}): the relation "
+                      "check turns away some rephrases with the other questions (README, 'Relation check'); "
+                      f"`memserve route \"{missed[0]}\" --chat --store {store}` shows the scores.", highlight=False)
     body = {"model": served_name, "messages": [{"role": "user", "content": facts[-1].rephrases[0] if facts[-1].rephrases
                                                 else facts[-1].prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
     console.print("Serve it over HTTP (OpenAI API):", highlight=False)

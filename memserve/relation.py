@@ -92,8 +92,10 @@ class RelationKey:
 
     @staticmethod
     def ships_for(model: str | None) -> bool:
-        """Whether a relation key ships for `model` (a `models.model_id`; None: not told)."""
-        return model is not None and (resources.files("memserve") / "data" / shipped_file(model)).is_file()
+        """Whether a relation key ships for `model` (a `models.model_id`: a name, or the path of a
+        local model, which has none; None: not told)."""
+        return (model is not None and "/" not in model
+                and (resources.files("memserve") / "data" / shipped_file(model)).is_file())
 
     @classmethod
     def shipped(cls, model: str | None, embeddings: torch.Tensor) -> "RelationKey":

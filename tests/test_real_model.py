@@ -62,7 +62,7 @@ def test_edit_then_eval_on_default_model(tmp_path, default_model_dir, method):
     assert run("store", "verify", "--store", store).returncode == 0
     info = json.loads(run("store", "info", "--store", store, "--json").stdout)
     assert info["edits"] == 3 and info["model"] == "SmolLM2-135M-Instruct"
-    assert info["config"].get("relation_check") is (method == "memoir")  # a relation key ships for this model
+    assert info["config"].get("relation_check", False) is (method == "memoir")  # a relation key ships for this model
 
 
 def test_stop_after_answer_ends_the_answer_on_default_model(tmp_path, default_model_dir):

@@ -18,6 +18,7 @@ The projection is data of one model: `benchmarks/relation_key.py` trains it and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -49,15 +50,19 @@ class RelationKey:
         tokens = (embeddings.detach().float() / self.scale) @ self.weight
         return RelationKey(self.centre, self.scale, self.weight, self.threshold, tokens)
 
+    @cached_property
+    def offset(self) -> torch.Tensor:
+        """[D] the centre's projection, which `tokens` leaves out: once per key, not per request."""
+        return (self.centre / self.scale) @ self.weight
+
     def embed_tokens(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
         """[N, D] the relation key of each token id list (`embed` of their mean input embedding);
         a zero vector for an empty list: it is close to nothing."""
-        offset = (self.centre / self.scale) @ self.weight
         out = torch.zeros(len(token_lists), self.weight.shape[1])
         for row, ids in enumerate(token_lists):
             ids = [int(t) for t in ids if 0 <= int(t) < len(self.tokens)]
             if ids:
-                out[row] = F.normalize(self.tokens[ids].mean(0) - offset, dim=-1)
+                out[row] = F.normalize(self.tokens[ids].mean(0) - self.offset, dim=-1)
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -94,8 +99,7 @@ class RelationKey:
     def ships_for(model: str | None) -> bool:
         """Whether a relation key ships for `model` (a `models.model_id`: a name, or the path of a
         local model, which has none; None: not told)."""
-        return (model is not None and "/" not in model
-                and (resources.files("memserve") / "data" / shipped_file(model)).is_file())
+        return model is not None and "/" not in model and shipped_path(model).is_file()
 
     @classmethod
     def shipped(cls, model: str | None, embeddings: torch.Tensor) -> "RelationKey":
@@ -104,7 +108,7 @@ class RelationKey:
         if not cls.ships_for(model):
             raise RelationKeyError(f"relation_check: no relation key ships for {model} (only {DEFAULT_MODEL_NAME}); "
                                    "benchmarks/relation_key.py trains one")
-        with resources.as_file(resources.files("memserve") / "data" / shipped_file(model)) as path:
+        with resources.as_file(shipped_path(model)) as path:
             key = cls.load(path)
         if key.centre.numel() != embeddings.shape[1]:
             raise RelationKeyError(f"relation_check: the {model} relation key is for {key.centre.numel()}-wide "
@@ -112,8 +116,9 @@ class RelationKey:
         return key.with_embeddings(embeddings)
 
 
-def shipped_file(model: str) -> str:
-    return f"relation_key_{model}.safetensors"
+def shipped_path(model: str):
+    """Where the relation key of `model` ships inside the package (it may not exist)."""
+    return resources.files("memserve") / "data" / f"relation_key_{model}.safetensors"
 
 
 def fit_relation_key(edits: torch.Tensor, rephrases: torch.Tensor, questions: torch.Tensor, owner: torch.Tensor,
